@@ -1,0 +1,34 @@
+"""Helpers shared by the tests: the tiny model and a free TCP port."""
+
+import socket
+
+import torch
+from transformers import WavLMConfig, WavLMModel
+
+# wavlm-large's layout (layer-norm CNN, stable layer norm) at a toy size.
+TINY_CONFIG = dict(
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    intermediate_size=64,
+    conv_dim=[16] * 7,
+    feat_extract_norm="layer",
+    do_stable_layer_norm=True,
+    num_conv_pos_embeddings=8,
+    num_conv_pos_embedding_groups=2,
+    num_buckets=16,
+    max_bucket_distance=32,
+    mask_time_prob=0.05,  # as wavlm-large: creates masked_spec_embed
+)
+
+
+def save_tiny_wavlm(folder, seed=0, **overrides):
+    torch.manual_seed(seed)
+    WavLMModel(WavLMConfig(**{**TINY_CONFIG, **overrides})).save_pretrained(folder)
+    return folder
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,146 @@
+"""The WavLM wrapper: loading, YAML overrides, freezing, and parity with stock HF."""
+
+import shutil
+
+import pytest
+import torch
+from transformers import WavLMModel
+
+from wavlm_wrapper import WavLM, make_local_checkpoint
+
+NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0)
+
+
+def batch(lengths, seed=0):
+    """Random padded waveforms and SpeechBrain relative lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    wav = torch.randn(len(lengths), longest, generator=gen)
+    for i, n in enumerate(lengths):
+        wav[i, n:] = 0.0
+    return wav, torch.tensor([n / longest for n in lengths])
+
+
+def test_overrides_from_yaml_are_in_effect_on_the_live_config(tiny_wavlm_dir):
+    model = WavLM(
+        str(tiny_wavlm_dir), layerdrop=0.3, apply_spec_augment=True, mask_time_prob=0.2,
+        mask_feature_prob=0.1, hidden_dropout=0.05, attention_dropout=0.07, activation_dropout=0.02,
+    )
+    config = model.model.config
+    assert model.layerdrop == config.layerdrop == 0.3
+    assert (config.mask_time_prob, config.mask_feature_prob, config.apply_spec_augment) == (0.2, 0.1, True)
+    assert (config.hidden_dropout, config.attention_dropout, config.activation_dropout) == (0.05, 0.07, 0.02)
+    # the dropouts are built into the modules, not only written in the config
+    layer = model.model.encoder.layers[1]
+    assert layer.dropout.p == 0.05 and layer.attention.dropout == 0.07
+    assert layer.feed_forward.intermediate_dropout.p == 0.02
+
+
+def test_loading_a_local_folder_gives_the_saved_weights(tiny_wavlm_dir):
+    saved = WavLMModel.from_pretrained(tiny_wavlm_dir).state_dict()
+    loaded = WavLM(str(tiny_wavlm_dir), apply_spec_augment=True, mask_time_prob=0.05).model.state_dict()
+    assert saved.keys() == loaded.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, loaded[name]), name
+
+
+def test_a_hub_id_loads_offline_from_a_filled_cache(tiny_wavlm_dir, tmp_path, monkeypatch):
+    # The layout huggingface_hub writes into cache_dir (save_path) when it downloads.
+    repo = tmp_path / "cache" / "models--someone--tiny-wavlm"
+    snapshot = repo / "snapshots" / "0123abc"
+    shutil.copytree(tiny_wavlm_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = WavLM("someone/tiny-wavlm", save_path=str(tmp_path / "cache"))
+    reference = WavLMModel.from_pretrained(tiny_wavlm_dir)
+    assert torch.equal(model.model.encoder.layers[0].attention.q_proj.weight,
+                       reference.encoder.layers[0].attention.q_proj.weight)
+
+
+def test_make_local_checkpoint_creates_once_and_keeps_an_existing_one(tmp_path, tiny_config):
+    folder = make_local_checkpoint(tmp_path / "small", tiny_config, seed=3)
+    first = (folder / "model.safetensors").read_bytes()
+    make_local_checkpoint(folder, {**tiny_config, "hidden_size": 64}, seed=4)
+    assert (folder / "model.safetensors").read_bytes() == first
+    assert [p.name for p in tmp_path.iterdir()] == ["small"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("freeze", ["cnn", "all"])
+def test_a_frozen_cnn_runs_no_backward(tiny_wavlm_dir, freeze):
+    model = WavLM(str(tiny_wavlm_dir), freeze=freeze).train()
+    cnn_outputs = []
+    model.model.feature_extractor.register_forward_hook(lambda m, i, out: cnn_outputs.append(out))
+    wav, lens = batch([8000, 6000])
+    out = model(wav, lens)
+    assert cnn_outputs[0].grad_fn is None and not cnn_outputs[0].requires_grad
+    assert all(not p.requires_grad for p in model.model.feature_extractor.parameters())
+    if freeze == "all":
+        assert not out.requires_grad
+        assert not any(p.requires_grad for p in model.parameters())
+    else:
+        out.pow(2).mean().backward()
+        assert model.model.encoder.layers[1].attention.q_proj.weight.grad is not None
+
+
+def test_nothing_frozen_trains_the_cnn(tiny_wavlm_dir):
+    model = WavLM(str(tiny_wavlm_dir), freeze="none").train()
+    wav, lens = batch([8000, 6000])
+    model(wav, lens).pow(2).mean().backward()
+    assert model.model.feature_extractor.conv_layers[0].conv.weight.grad.abs().sum() > 0
+
+
+def test_every_trainable_parameter_gets_a_gradient_with_layerdrop_0(tiny_wavlm_dir):
+    """masked_spec_embed is unused without SpecAugment: it must not be trainable."""
+    model = WavLM(
+        str(tiny_wavlm_dir), layerdrop=0.0, apply_spec_augment=False, mask_time_prob=0.05, freeze="none"
+    ).train()
+    assert not model.model.masked_spec_embed.requires_grad
+    wav, lens = batch([8000, 6000])
+    model(wav, lens).pow(2).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
+def test_layerdrop_outside_0_1_is_refused_naming_the_key(tiny_wavlm_dir, bad):
+    with pytest.raises(ValueError, match=r"layerdrop=.*outside \[0, 1\).*--layerdrop"):
+        WavLM(str(tiny_wavlm_dir), layerdrop=bad)
+
+
+@pytest.mark.parametrize("key,value", [("layerdrop_mode", "random"), ("freeze", "cnn_only"), ("attention", "flash")])
+def test_unknown_choices_are_refused_naming_the_key(tiny_wavlm_dir, key, value):
+    with pytest.raises(ValueError, match=f"{key}='{value}'.*--{key}"):
+        WavLM(str(tiny_wavlm_dir), **{key: value})
+
+
+def _stock_forward(stock, wav, lens):
+    """Stock HF WavLM as SpeechBrain's HF wrapper calls it (sample-level mask)."""
+    mask = (torch.arange(wav.shape[1])[None, :] < torch.round(lens * wav.shape[1])[:, None]).long()
+    return stock(wav, attention_mask=mask).last_hidden_state, mask
+
+
+@pytest.mark.parametrize("lengths", [[8000], [8000, 8000], [9600, 7000, 4000], [16000, 3300]])
+@pytest.mark.parametrize("train", [False, True])
+def test_sdpa_path_matches_stock_hf_outputs_and_gradients(tiny_wavlm_dir, lengths, train):
+    overrides = dict(layerdrop=0.0, apply_spec_augment=False, mask_time_prob=0.05, **NO_DROPOUT)
+    fast = WavLM(str(tiny_wavlm_dir), attention="sdpa", freeze="none", normalize_wav=False, **overrides)
+    stock = WavLMModel.from_pretrained(tiny_wavlm_dir, **overrides)
+    fast.train(train)
+    stock.train(train)
+    wav, lens = batch(lengths, seed=len(lengths))
+    out = fast(wav, lens)
+    ref, mask = _stock_forward(stock, wav, lens)
+    frames = stock._get_feature_vector_attention_mask(ref.shape[1], mask)
+    torch.testing.assert_close(out[frames], ref[frames], rtol=1e-4, atol=1e-5)
+
+    weights = torch.randn(out.shape)  # a loss that weighs every real frame differently
+    (out * weights)[frames].sum().backward()
+    (ref * weights)[frames].sum().backward()
+    fast_params = dict(fast.model.named_parameters())
+    for name, p_stock in stock.named_parameters():
+        p_fast = fast_params[name]
+        if p_stock.grad is None:
+            assert p_fast.grad is None, name
+            continue
+        torch.testing.assert_close(p_fast.grad, p_stock.grad, rtol=1e-3, atol=1e-5, msg=name)

@@ -1,0 +1,335 @@
+"""HuggingFace WavLM as a SpeechBrain module: loading, YAML overrides, freezing,
+rank-synchronised LayerDrop and a memory-efficient attention path.
+
+The module runs WavLM's own sub-modules (CNN, projection, positional conv, encoder
+layers) but owns the loop over the encoder layers. Owning the loop is what lets the
+recipe choose *which* layers to drop (the same ones on every DDP rank), skip them
+without computing them, and compile each layer once whatever the drop pattern.
+"""
+
+import logging
+import os
+import tempfile
+import types
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import WavLMConfig, WavLMModel
+
+logger = logging.getLogger(__name__)
+
+LAYERDROP_MODES = ("synced", "independent")
+FREEZE_CHOICES = ("none", "cnn", "all")
+ATTENTION_CHOICES = ("sdpa", "eager")
+
+
+def make_local_checkpoint(folder, config, seed):
+    """Save a randomly initialised WavLM built from `config` (a dict of WavLMConfig
+    fields) to `folder` in the `save_pretrained` layout, unless it is already there.
+
+    Under DDP the main process writes it while the others wait. It is written into
+    a temporary folder and renamed into place, so an interrupted save never leaves a
+    half-written checkpoint that a later run would take for a good one.
+    """
+    folder = Path(folder)
+    distributed = torch.distributed.is_initialized()
+    if not (folder / "config.json").exists() and (not distributed or torch.distributed.get_rank() == 0):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        model = WavLMModel(WavLMConfig(**config))
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        model.save_pretrained(tmp)
+        os.rename(tmp, folder)
+    if distributed:
+        torch.distributed.barrier()
+    return folder
+
+
+def layerdrop_schedule(step, num_layers, layerdrop, seed, rank=0):
+    """The layers to drop at optimizer step `step`, as a list of bools.
+
+    A pure function of (seed, step, rank): no global RNG, no data. The synced mode
+    passes rank=0 on every rank, so every rank drops the same layers; the
+    independent mode passes the real rank. Layer 0 owns the relative position bias
+    and is never dropped (as in HF).
+    """
+    if layerdrop <= 0.0:
+        return [False] * num_layers
+    state = np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]
+    draws = torch.rand(num_layers, generator=torch.Generator().manual_seed(int(state)))
+    drop = (draws < layerdrop).tolist()
+    drop[0] = False
+    return drop
+
+
+def _sdpa_self_attention(self, hidden_states, attention_mask, gated_position_bias):
+    """Drop-in for `WavLMAttention.torch_multi_head_self_attention` that calls
+    `scaled_dot_product_attention`: the same maths (scale, additive gated position
+    bias, key padding, attention dropout) without materialising the probabilities.
+    """
+    batch, time, embed = hidden_states.shape
+    heads, head_dim = self.num_heads, self.head_dim
+
+    def split_heads(x):
+        return x.view(batch, time, heads, head_dim).transpose(1, 2)
+
+    query = split_heads(self.q_proj(hidden_states))
+    key = split_heads(self.k_proj(hidden_states))
+    value = split_heads(self.v_proj(hidden_states))
+    bias = gated_position_bias.view(batch, heads, time, time).to(query.dtype)
+    if attention_mask is not None:
+        padded_keys = ~attention_mask.bool()[:, None, None, :]
+        bias = bias.masked_fill(padded_keys, float("-inf"))
+    attended = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=bias,
+        dropout_p=self.dropout if self.training else 0.0,
+    )
+    attended = attended.transpose(1, 2).reshape(batch, time, embed)
+    return self.out_proj(attended), None
+
+
+class WavLM(nn.Module):
+    """WavLM encoder for fine-tuning, configured from the YAML.
+
+    Arguments
+    ---------
+    source : str
+        HF hub id (e.g. ``microsoft/wavlm-large``) or a local folder in the
+        ``save_pretrained`` layout.
+    save_path : str or None
+        Cache folder for hub downloads (``cache_dir``). Offline use: a local folder
+        as `source`, or ``HF_HUB_OFFLINE=1`` with a filled cache.
+    init_config : dict or None
+        When given and `source` is a folder that does not exist yet, a randomly
+        initialised WavLM with this config is saved there first (the demo model).
+    init_seed : int
+        Seed of that random initialisation.
+    layerdrop : float
+        Probability of skipping each encoder layer (but the first) per step.
+    layerdrop_mode : str
+        ``synced`` (every rank drops the same layers) or ``independent``.
+    layerdrop_seed : int
+        Seed of the LayerDrop schedule.
+    apply_spec_augment, mask_time_prob, mask_time_length, mask_feature_prob,
+    mask_feature_length : HF SpecAugment settings.
+    hidden_dropout, attention_dropout, activation_dropout, feat_proj_dropout : float
+        Dropout probabilities written into the model config before it is built.
+    freeze : str
+        ``none``, ``cnn`` (CNN feature encoder frozen, no backward through it) or
+        ``all`` (the whole model frozen, run without autograd).
+    attention : str
+        ``sdpa`` (memory-efficient, the default) or ``eager`` (HF's own).
+    compile_layers : bool
+        ``torch.compile`` each encoder layer (one graph per layer, whatever is dropped).
+    normalize_wav : bool
+        Zero-mean unit-variance normalisation of each waveform over its real samples.
+    """
+
+    def __init__(
+        self,
+        source,
+        save_path=None,
+        init_config=None,
+        init_seed=0,
+        layerdrop=0.0,
+        layerdrop_mode="synced",
+        layerdrop_seed=0,
+        apply_spec_augment=False,
+        mask_time_prob=0.0,
+        mask_time_length=10,
+        mask_feature_prob=0.0,
+        mask_feature_length=10,
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        freeze="cnn",
+        attention="sdpa",
+        compile_layers=False,
+        normalize_wav=True,
+    ):
+        super().__init__()
+        _check_choice("layerdrop_mode", layerdrop_mode, LAYERDROP_MODES)
+        _check_choice("freeze", freeze, FREEZE_CHOICES)
+        _check_choice("attention", attention, ATTENTION_CHOICES)
+        if not 0.0 <= layerdrop < 1.0:
+            raise ValueError(
+                f"layerdrop={layerdrop} is outside [0, 1): set --layerdrop to a probability "
+                "such as 0.1 (0.0 disables LayerDrop)"
+            )
+        if init_config is not None:
+            make_local_checkpoint(source, init_config, init_seed)
+        overrides = dict(
+            layerdrop=layerdrop,
+            apply_spec_augment=apply_spec_augment,
+            mask_time_prob=mask_time_prob,
+            mask_time_length=mask_time_length,
+            mask_feature_prob=mask_feature_prob,
+            mask_feature_length=mask_feature_length,
+            hidden_dropout=hidden_dropout,
+            attention_dropout=attention_dropout,
+            activation_dropout=activation_dropout,
+            feat_proj_dropout=feat_proj_dropout,
+        )
+        self.model = WavLMModel.from_pretrained(source, cache_dir=save_path, **overrides)
+        for key, value in overrides.items():
+            live = getattr(self.model.config, key)
+            if live != value:
+                raise RuntimeError(f"WavLM config {key} is {live} after loading, expected {value}")
+        self.layerdrop_mode = layerdrop_mode
+        self.layerdrop_seed = layerdrop_seed
+        self.freeze = freeze
+        self.normalize_wav = normalize_wav
+        self.output_size = self.model.config.hidden_size
+        self.num_layers = self.model.config.num_hidden_layers
+        # Per layer: how many training steps it was dropped since the last reset.
+        self.drop_counts = [0] * self.num_layers
+        self.last_drop = [False] * self.num_layers
+        self._last_drawn_step = None
+
+        self._apply_freeze()
+        self._disable_unused_mask_embedding()
+        if attention == "sdpa":
+            for layer in self.model.encoder.layers:
+                attn = layer.attention
+                attn.torch_multi_head_self_attention = types.MethodType(_sdpa_self_attention, attn)
+        self.layers = list(self.model.encoder.layers)
+        if compile_layers:
+            self.layers = [torch.compile(layer, dynamic=True) for layer in self.layers]
+        logger.info(
+            f"WavLM from {source}: {self.num_layers} layers, hidden {self.output_size}, "
+            f"layerdrop={self.model.config.layerdrop} ({layerdrop_mode}), freeze={freeze}, "
+            f"attention={attention}, SpecAugment={'on' if self.spec_augment_on else 'off'}"
+        )
+
+    @property
+    def layerdrop(self):
+        """The LayerDrop probability in effect: read from the live model config."""
+        return self.model.config.layerdrop
+
+    @property
+    def spec_augment_on(self):
+        config = self.model.config
+        return config.apply_spec_augment and (
+            config.mask_time_prob > 0 or config.mask_feature_prob > 0
+        )
+
+    def _apply_freeze(self):
+        if self.freeze in ("cnn", "all"):
+            self.model.freeze_feature_encoder()  # HF's: the CNN output needs no grad either
+        if self.freeze == "all":
+            self.model.requires_grad_(False)
+
+    def _disable_unused_mask_embedding(self):
+        """`masked_spec_embed` only receives a gradient when HF's SpecAugment masks
+        time steps. Left trainable without it, it is an unused parameter, and DDP
+        without `find_unused_parameters` dies on it even with layerdrop 0."""
+        embed = getattr(self.model, "masked_spec_embed", None)
+        config = self.model.config
+        if embed is not None and not (config.apply_spec_augment and config.mask_time_prob > 0):
+            embed.requires_grad_(False)
+
+    def unused_parameters_expected(self):
+        """True when some trainable parameter may get no gradient in a training step."""
+        return self.layerdrop > 0.0 and self.freeze != "all"
+
+    def draw_layerdrop(self, step):
+        """The drop pattern for optimizer step `step` (recorded once per step)."""
+        rank = 0
+        if self.layerdrop_mode == "independent" and torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank()
+        drop = layerdrop_schedule(step, self.num_layers, self.layerdrop, self.layerdrop_seed, rank)
+        if step != self._last_drawn_step:  # gradient accumulation: one count per step
+            self._last_drawn_step = step
+            self.drop_counts = [c + d for c, d in zip(self.drop_counts, drop)]
+        self.last_drop = drop
+        return drop
+
+    def reset_drop_counts(self):
+        self.drop_counts = [0] * self.num_layers
+        self._last_drawn_step = None
+
+    def forward(self, wav, wav_lens=None, step=0):
+        """Encode a padded batch of waveforms.
+
+        Arguments
+        ---------
+        wav : torch.Tensor
+            (batch, samples) waveforms at 16 kHz.
+        wav_lens : torch.Tensor or None
+            Relative lengths in (0, 1], SpeechBrain's convention.
+        step : int
+            The optimizer step: it selects the LayerDrop pattern while training.
+
+        Returns
+        -------
+        (batch, frames, hidden) encoder output; padded frames are not attended to.
+        """
+        grad_ctx = torch.no_grad() if self.freeze == "all" else nullcontext()
+        with grad_ctx:
+            return self._encode(wav, wav_lens, step)
+
+    def _encode(self, wav, wav_lens, step):
+        model = self.model
+        sample_mask = None
+        if wav_lens is not None:
+            lengths = torch.round(wav_lens * wav.shape[1]).long()
+            sample_mask = torch.arange(wav.shape[1], device=wav.device)[None, :] < lengths[:, None]
+        if self.normalize_wav:
+            wav = _normalize(wav, sample_mask)
+
+        cnn_ctx = torch.no_grad() if self.freeze != "none" else nullcontext()
+        with cnn_ctx:
+            features = model.feature_extractor(wav).transpose(1, 2)
+        frame_mask = None
+        if sample_mask is not None:
+            frame_mask = model._get_feature_vector_attention_mask(features.shape[1], sample_mask.long())
+        hidden, _ = model.feature_projection(features)
+        hidden = model._mask_hidden_states(hidden, attention_mask=frame_mask)
+        return self._run_encoder(hidden, frame_mask, step)
+
+    def _run_encoder(self, hidden, frame_mask, step):
+        encoder = self.model.encoder
+        stable = self.model.config.do_stable_layer_norm
+        if frame_mask is not None:
+            hidden = hidden.masked_fill(~frame_mask[..., None], 0.0)
+        hidden = hidden + encoder.pos_conv_embed(hidden)
+        if not stable:
+            hidden = encoder.layer_norm(hidden)
+        hidden = encoder.dropout(hidden)
+
+        drop = [False] * self.num_layers
+        if self.training and self.layerdrop > 0.0:
+            drop = self.draw_layerdrop(step)
+        position_bias = None
+        for layer, skip in zip(self.layers, drop):
+            if not skip:
+                hidden, position_bias = layer(
+                    hidden, attention_mask=frame_mask, position_bias=position_bias
+                )
+        if stable:
+            hidden = encoder.layer_norm(hidden)
+        return hidden
+
+
+def _normalize(wav, sample_mask):
+    """Per-utterance zero mean, unit variance over the real samples; padding stays 0."""
+    if sample_mask is None:
+        return F.layer_norm(wav, wav.shape[1:])
+    mask = sample_mask.to(wav.dtype)
+    count = mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    mean = (wav * mask).sum(dim=1, keepdim=True) / count
+    var = (((wav - mean) * mask) ** 2).sum(dim=1, keepdim=True) / count
+    return (wav - mean) / torch.sqrt(var + 1e-5) * mask
+
+
+def _check_choice(key, value, choices):
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not one of {choices}: set --{key} to one of them")
