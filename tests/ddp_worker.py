@@ -1,0 +1,109 @@
+"""Run small training scenarios on N gloo processes (torch.multiprocessing.spawn)
+and hand each rank's results back to the test through a file."""
+
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import WavLMModel
+
+from wavlm_wrapper import WavLM
+
+NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0)
+VOCAB = 6
+SAMPLES = 6400  # 0.4 s: 19 frames
+
+
+class CTCModel(torch.nn.Module):
+    """WavLM + linear CTC head as one module, as DDP sees it in the recipe."""
+
+    def __init__(self, wavlm):
+        super().__init__()
+        self.wavlm = wavlm
+        self.head = torch.nn.Linear(wavlm.output_size, VOCAB)
+
+    def forward(self, wav, step):
+        return self.head(self.wavlm(wav, torch.ones(wav.shape[0]), step=step)).log_softmax(-1)
+
+
+def global_batch(step, size, seed=0):
+    """The same global batch on every rank: equal-length utterances, random labels."""
+    gen = torch.Generator().manual_seed(seed * 1000 + step)
+    wav = torch.randn(size, SAMPLES, generator=gen)
+    labels = torch.randint(1, VOCAB, (size, 5), generator=gen)
+    return wav, labels
+
+
+def ctc_loss(log_probs, labels):
+    frames = torch.full((log_probs.shape[0],), log_probs.shape[1], dtype=torch.long)
+    label_lens = torch.full((labels.shape[0],), labels.shape[1], dtype=torch.long)
+    return torch.nn.functional.ctc_loss(log_probs.transpose(0, 1), labels, frames, label_lens)
+
+
+def train(model_dir, steps, batch_per_rank, layerdrop, mode, find_unused, seed=0):
+    """Train a few SGD steps; return the final parameters and, per step, the drop
+    pattern, the layers left without gradient and the layers whose weights moved."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    torch.manual_seed(seed)
+    wavlm = WavLM(model_dir, layerdrop=layerdrop, layerdrop_mode=mode, layerdrop_seed=seed,
+                  apply_spec_augment=False, freeze="cnn", **NO_DROPOUT)
+    model = CTCModel(wavlm)
+    net = DDP(model, find_unused_parameters=find_unused) if world > 1 else model
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    layers = model.wavlm.model.encoder.layers
+    history = []
+    for step in range(steps):
+        wav, labels = global_batch(step, batch_per_rank * world, seed)
+        mine = slice(rank * batch_per_rank, (rank + 1) * batch_per_rank)
+        before = [layer.feed_forward.output_dense.weight.detach().clone() for layer in layers]
+        opt.zero_grad(set_to_none=True)
+        ctc_loss(net(wav[mine], step), labels[mine]).backward()
+        no_grad = [all(p.grad is None for p in layer.parameters()) for layer in layers]
+        opt.step()
+        moved = [not torch.equal(b, layer.feed_forward.output_dense.weight) for b, layer in zip(before, layers)]
+        history.append({"drop": list(wavlm.last_drop), "no_grad": no_grad, "moved": moved})
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {"params": params, "history": history, "drop_counts": wavlm.drop_counts}
+
+
+def stock_hf_with_layerdrop(model_dir, layerdrop, steps=3):
+    """HF's own LayerDrop under DDP without find_unused_parameters, outside the
+    recipe's checks: return the error message (or None if it trained)."""
+    model = WavLMModel.from_pretrained(model_dir, layerdrop=layerdrop, apply_spec_augment=False, **NO_DROPOUT)
+    model.train()
+    net = DDP(model, find_unused_parameters=False)
+    try:
+        for step in range(steps):
+            torch.manual_seed(100 + step)  # same draws on every rank: nobody blocks
+            wav, _ = global_batch(step, 2)
+            net(wav).last_hidden_state.pow(2).mean().backward()
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def _entry(rank, world, init_file, out_dir, fn_name, kwargs):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        result = globals()[fn_name](**kwargs)
+    except Exception:  # hand the traceback to the test instead of a bare exit code
+        result = {"exception": traceback.format_exc()}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def spawn(fn_name, tmp_path, world=2, **kwargs):
+    """Run `fn_name(**kwargs)` on `world` gloo processes; return each rank's result."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    init_file = tmp_path / "init"
+    mp.spawn(_entry, args=(world, str(init_file), str(tmp_path), fn_name, kwargs), nprocs=world, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for r, result in enumerate(results):
+        assert not (isinstance(result, dict) and "exception" in result), f"rank {r}:\n{result['exception']}"
+    return results

@@ -1,0 +1,68 @@
+"""LayerDrop under DDP on 2 CPU gloo processes: the original failure, the
+supported configurations, and exact equivalence with single-process training."""
+
+import pytest
+import torch
+
+from ddp_worker import spawn, train
+from preflight import REDUCTION_ERROR
+from wavlm_wrapper import layerdrop_schedule
+
+STEPS = 4
+
+
+def test_hf_layerdrop_without_find_unused_parameters_dies_with_the_reduction_error(tiny_wavlm_dir, tmp_path):
+    errors = spawn("stock_hf_with_layerdrop", tmp_path, model_dir=str(tiny_wavlm_dir), layerdrop=0.9)
+    for error in errors:
+        assert error is not None and REDUCTION_ERROR in error
+
+
+def test_hf_without_layerdrop_still_dies_on_the_unused_masked_spec_embed(tiny_wavlm_dir, tmp_path):
+    errors = spawn("stock_hf_with_layerdrop", tmp_path, model_dir=str(tiny_wavlm_dir), layerdrop=0.0)
+    for error in errors:
+        assert error is not None and REDUCTION_ERROR in error
+
+
+@pytest.mark.parametrize(
+    "layerdrop,mode,find_unused",
+    [(0.5, "synced", True), (0.5, "independent", True), (0.0, "synced", False)],
+    ids=["synced", "independent", "layerdrop0-no-find-unused"],
+)
+def test_supported_configurations_train_and_keep_ranks_identical(tiny_wavlm_dir, tmp_path, layerdrop, mode, find_unused):
+    ranks = spawn("train", tmp_path, model_dir=str(tiny_wavlm_dir), steps=STEPS, batch_per_rank=2,
+                  layerdrop=layerdrop, mode=mode, find_unused=find_unused)
+    initial = train(str(tiny_wavlm_dir), steps=0, batch_per_rank=2, layerdrop=0.0, mode="synced", find_unused=False)
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+    head = "head.weight"
+    assert not torch.equal(ranks[0]["params"][head], initial["params"][head])  # it did train
+
+
+def test_synced_ranks_drop_the_same_layers_which_get_no_gradient_and_do_not_move(tiny_wavlm_dir, tmp_path):
+    ranks = spawn("train", tmp_path, model_dir=str(tiny_wavlm_dir), steps=STEPS, batch_per_rank=2,
+                  layerdrop=0.5, mode="synced", find_unused=True)
+    num_layers = len(ranks[0]["history"][0]["drop"])
+    expected = [layerdrop_schedule(s, num_layers, 0.5, seed=0) for s in range(STEPS)]
+    assert any(any(d) for d in expected), "the schedule should drop something in these steps"
+    for result in ranks:
+        for step, record in enumerate(result["history"]):
+            assert record["drop"] == expected[step]
+            assert record["no_grad"] == expected[step]
+            assert record["moved"] == [not d for d in expected[step]]
+        assert result["drop_counts"] == [sum(col) for col in zip(*expected)]
+
+
+def test_independent_ranks_draw_different_layers(tiny_wavlm_dir, tmp_path):
+    ranks = spawn("train", tmp_path, model_dir=str(tiny_wavlm_dir), steps=STEPS, batch_per_rank=2,
+                  layerdrop=0.5, mode="independent", find_unused=True)
+    drops = [[h["drop"] for h in r["history"]] for r in ranks]
+    assert drops[0] != drops[1]
+
+
+def test_two_ranks_equal_one_process_on_the_global_batch(tiny_wavlm_dir, tmp_path):
+    ranks = spawn("train", tmp_path, model_dir=str(tiny_wavlm_dir), steps=STEPS, batch_per_rank=2,
+                  layerdrop=0.5, mode="synced", find_unused=True)
+    single = train(str(tiny_wavlm_dir), steps=STEPS, batch_per_rank=4, layerdrop=0.5, mode="synced", find_unused=True)
+    assert [h["drop"] for h in single["history"]] == [h["drop"] for h in ranks[0]["history"]]
+    for name, value in single["params"].items():
+        torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-4, atol=1e-5, msg=name)
