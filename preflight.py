@@ -5,8 +5,10 @@ Each check raises `ConfigError`; `train.py` prints its message and exits with
 status 2, so no traceback and no half-started run reaches the user.
 """
 
+import difflib
 import logging
 import os
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +35,15 @@ def parse_bool(key, value):
     raise ConfigError(f"--{key}={value} is not a boolean: use --{key}=True or --{key}=False")
 
 
-def pop_find_unused_parameters(argv):
-    """Remove `--find_unused_parameters[=X]` from `argv` and return (value, rest).
-
-    SpeechBrain's parser knows the flag only as a switch, so `=False` would be
-    rejected there; the value is None when the user did not give the flag.
-    """
+def pop_bool_flag(argv, key):
+    """Remove `--key[=X]` from `argv` and return (value, rest); value is None when
+    the flag is absent. For flags that SpeechBrain's parser does not take as
+    `--key=False` (find_unused_parameters is a bare switch there) or not at all."""
     value, rest = None, []
     for arg in argv:
         name, _, text = arg.partition("=")
-        if name == "--find_unused_parameters":
-            value = parse_bool("find_unused_parameters", text if text else True)
+        if name == f"--{key}":
+            value = parse_bool(key, text if text else True)
         else:
             rest.append(arg)
     return value, rest
@@ -113,3 +113,59 @@ def explain_reduction_error(error):
             "module): set --find_unused_parameters=True"
         )
     return error
+
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def check_hparams(hparams, precision, device):
+    """Checks of the YAML values (after command-line overrides), before anything
+    is built or written."""
+    layerdrop = hparams["layerdrop"]
+    if not isinstance(layerdrop, (int, float)) or not 0.0 <= layerdrop < 1.0:
+        raise ConfigError(f"layerdrop={layerdrop} is outside [0, 1): set --layerdrop to a probability "
+                          "such as 0.1 (0.0 disables LayerDrop)")
+    mode = hparams["layerdrop_mode"]
+    if mode not in ("synced", "independent"):
+        raise ConfigError(f"layerdrop_mode={mode} is not synced or independent: set --layerdrop_mode=synced")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision} is unknown: set --precision to one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and not str(device).startswith("cuda"):
+        raise ConfigError(f"precision=fp16 needs a CUDA GPU (device is {device}): set --precision=bf16 or fp32")
+    data_folder = Path(str(hparams["data_folder"]))
+    if not data_folder.is_dir():
+        raise ConfigError(f"data_folder={data_folder} does not exist: set --data_folder to the folder "
+                          "that holds the audio (for LibriSpeech, the extracted LibriSpeech/)")
+    check_sharded_backend(layerdrop)
+
+
+def saved_config_text(path):
+    """The resolved YAML that SpeechBrain saved in an output folder, without its header."""
+    return "".join(line for line in Path(path).read_text().splitlines(True)
+                   if not line.startswith(("# Generated", "# /", "# yamllint")))
+
+
+def check_output_folder(output_folder, new_config, resume, overwrite):
+    """Refuse to mix two configurations in one output folder.
+
+    Returns "new", "same" (resume as usual), "resume" (asked, with another config)
+    or "overwrite" (asked: the caller empties the folder first).
+    """
+    saved = Path(output_folder) / "hyperparams.yaml"
+    if not saved.exists():
+        return "new"
+    old_lines = saved_config_text(saved).splitlines()
+    new_lines = new_config.splitlines()
+    if old_lines == new_lines:
+        return "same"
+    if overwrite:
+        return "overwrite"
+    if resume:
+        return "resume"
+    changed = sorted({line[2:].split(":")[0].strip() for line in difflib.ndiff(old_lines, new_lines)
+                      if line[:2] in ("- ", "+ ") and ":" in line})
+    raise ConfigError(
+        f"output_folder={output_folder} holds a run with another configuration (changed: "
+        f"{', '.join(changed)}): pass --resume=True to continue it with the new values, "
+        "--overwrite=True to delete it and start afresh, or choose another --output_folder"
+    )

@@ -16,19 +16,26 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+import shutil
+
+import soundfile as sf
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
-from speechbrain.utils.distributed import if_main_process, run_on_main
+import torchaudio
+from hyperpyyaml import load_hyperpyyaml, resolve_references
+from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main
 
+from fault_tolerance import NonFiniteGuard
 from preflight import (
     ConfigError,
-    check_sharded_backend,
+    check_hparams,
+    check_output_folder,
     explain_reduction_error,
-    pop_find_unused_parameters,
+    pop_bool_flag,
     resolve_find_unused_parameters,
 )
 from recipes.tokenizer import load_tokenizer, train_tokenizer
+from recipes.validate_manifest import AudioLimits, report, training_charset, validate_manifests
 
 logger = logging.getLogger(__name__)
 DEFAULT_HPARAMS = Path(__file__).resolve().parent / "hparams" / "demo.yaml"
@@ -73,12 +80,45 @@ class ASR(sb.Brain):
             log_probs.float(), tokens, wav_lens, token_lens, self.hparams.blank_index
         )
         if stage != sb.Stage.TRAIN:
+            self.eval_loss_sum += loss.item() * len(batch.id)
+            self.eval_count += len(batch.id)
             hyps = sb.decoders.ctc_greedy_decode(log_probs, wav_lens, blank_id=self.hparams.blank_index)
             words = [self.tokenizer.decode_ids(h).split() for h in hyps]
             targets = [text.split() for text in batch.wrd]
             self.wer_metric.append(batch.id, words, targets)
             self.cer_metric.append(batch.id, words, targets)
         return loss
+
+    def on_fit_start(self):
+        self.nonfinite = NonFiniteGuard(self.nonfinite_patience)
+        self.accumulated_finite = True
+        self.checkpointer.remove_interrupted_saves()
+        super().on_fit_start()  # wraps DDP, builds optimizers, recovers the latest checkpoint
+        if self.optimizer_step > 0 and if_main_process():
+            print(f"resumed from checkpoint: epoch {self.hparams.epoch_counter.current + 1}, batch "
+                  f"{self.step} of the epoch, optimizer step {self.optimizer_step}", flush=True)
+
+    def fit_batch(self, batch):
+        """SpeechBrain's step, with non-finite losses skipped on every rank at once.
+
+        Backward always runs (DDP needs it after a forward); when any rank's loss is
+        NaN/inf the gradients are dropped instead of applied."""
+        should_step = self.step % self.grad_accumulation_factor == 0
+        self.on_fit_batch_start(batch, should_step)
+        with self.no_sync(not should_step):
+            with self.training_ctx:
+                outputs = self.compute_forward(batch, sb.Stage.TRAIN)
+                loss = self.compute_objectives(outputs, batch, sb.Stage.TRAIN)
+            self.scaler.scale(loss / self.grad_accumulation_factor).backward()
+        self.accumulated_finite &= self.nonfinite.step_is_finite(loss.detach())
+        if should_step:
+            if self.accumulated_finite:
+                self.optimizers_step()
+            else:
+                self.zero_grad(set_to_none=True)
+            self.accumulated_finite = True
+        self.on_fit_batch_end(batch, outputs, loss, should_step)
+        return loss.detach().cpu() if torch.isfinite(loss) else torch.tensor(0.0)
 
     def on_fit_batch_start(self, batch, should_step):
         for name, opt in self.optimizers_dict.items():
@@ -111,17 +151,33 @@ class ASR(sb.Brain):
         else:
             self.wer_metric = self.hparams.error_rate_computer()
             self.cer_metric = self.hparams.cer_computer()
+            self.eval_loss_sum, self.eval_count = 0.0, 0
+
+    def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
+        """Under DDP, each rank evaluates its own shard of valid / test."""
+        if stage != sb.Stage.TRAIN and torch.distributed.is_initialized():
+            loader_kwargs = {
+                **loader_kwargs,
+                "shuffle": False,
+                "sampler": ShardSampler(len(dataset), torch.distributed.get_rank(),
+                                        torch.distributed.get_world_size()),
+            }
+        return super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        stats = {"loss": round(stage_loss, 4)}
         if stage == sb.Stage.TRAIN:
-            self.train_stats = stats
+            self.train_stats = {"loss": round(stage_loss, 4)}
             wavlm = unwrap(self.modules.wavlm)
             if wavlm.layerdrop > 0:
                 logger.info(f"Epoch {epoch}: steps each layer was dropped: {wavlm.drop_counts}")
             return
-        stats["CER"] = round(self.cer_metric.summarize("error_rate"), 2)
-        stats["WER"] = round(self.wer_metric.summarize("error_rate"), 2)
+        # Evaluation was sharded across ranks: merge the statistics of all ranks.
+        loss = gather_eval_stats(self, [self.wer_metric, self.cer_metric])
+        stats = {
+            "loss": round(loss, 4),
+            "CER": round(self.cer_metric.summarize("error_rate"), 2),
+            "WER": round(self.wer_metric.summarize("error_rate"), 2),
+        }
         if stage == sb.Stage.VALID:
             lrs = {f"lr_{name}": f"{opt.param_groups[0]['lr']:.2e}" for name, opt in self.optimizers_dict.items()}
             self.hparams.train_logger.log_stats(
@@ -129,7 +185,8 @@ class ASR(sb.Brain):
             )
             if if_main_process():
                 print(f"epoch {epoch}: train loss {self.train_stats['loss']}, valid loss "
-                      f"{stats['loss']}, valid CER {stats['CER']} %, WER {stats['WER']} %", flush=True)
+                      f"{stats['loss']}, valid CER {stats['CER']} %, WER {stats['WER']} % "
+                      f"(optimizer step {self.optimizer_step})", flush=True)
             self.checkpointer.save_and_keep_only(meta={"WER": stats["WER"]}, min_keys=["WER"])
         else:
             self.hparams.train_logger.log_stats(
@@ -141,6 +198,37 @@ class ASR(sb.Brain):
                 print(f"test WER {stats['WER']} %, CER {stats['CER']} % "
                       f"(details in {self.hparams.test_wer_file})", flush=True)
             self.test_stats = stats
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Rank r of N takes items r, r+N, r+2N, ... of the (length-sorted) dataset:
+    every utterance is evaluated exactly once (DistributedSampler would pad with
+    repeats and bias the WER), and each shard spans all lengths."""
+
+    def __init__(self, length, rank, world_size):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def gather_eval_stats(brain, metrics):
+    """Merge the error-rate statistics of every rank into `metrics` (in place) and
+    return the per-utterance mean loss over all ranks."""
+    loss_sum, count = brain.eval_loss_sum, brain.eval_count
+    if torch.distributed.is_initialized():
+        gathered = [None] * torch.distributed.get_world_size()
+        local = [(m.ids, m.scores) for m in metrics] + [(loss_sum, count)]
+        torch.distributed.all_gather_object(gathered, local)
+        for i, metric in enumerate(metrics):
+            metric.ids = [x for rank in gathered for x in rank[i][0]]
+            metric.scores = [x for rank in gathered for x in rank[i][1]]
+        loss_sum = sum(rank[-1][0] for rank in gathered)
+        count = sum(rank[-1][1] for rank in gathered)
+    return loss_sum / max(count, 1)
 
 
 def check_layerdrop_in_sync(wavlm):
@@ -162,8 +250,9 @@ def check_layerdrop_in_sync(wavlm):
         )
 
 
-def dataio_prepare(hparams, tokenizer):
-    """Train / valid / test datasets with the audio and text pipelines."""
+def dataio_prepare(hparams, tokenizer, bad_ids):
+    """Train / valid / test datasets with the audio and text pipelines;
+    `bad_ids` (rows that failed validation, with skip_invalid) are left out."""
     replacements = {"data_root": hparams["data_folder"]}
     datasets = {}
     for split in ("train", "valid", "test"):
@@ -172,12 +261,19 @@ def dataio_prepare(hparams, tokenizer):
         )
         max_duration = hparams["max_duration"] if split == "train" else None
         key_max = {"duration": max_duration} if max_duration else {}
-        datasets[split] = data.filtered_sorted(sort_key="duration", key_max_value=key_max)
+        key_test = {"id": lambda utt_id: utt_id not in bad_ids} if bad_ids else {}
+        datasets[split] = data.filtered_sorted(sort_key="duration", key_max_value=key_max, key_test=key_test)
+
+    sample_rate = hparams["sample_rate"]
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav):
-        return sb.dataio.dataio.read_audio(wav)
+        audio, rate = sf.read(wav, dtype="float32", always_2d=True)
+        audio = torch.from_numpy(audio).mean(dim=1)  # several channels: downmix
+        if rate != sample_rate:
+            audio = torchaudio.functional.resample(audio, rate, sample_rate)
+        return audio
 
     @sb.utils.data_pipeline.takes("wrd")
     @sb.utils.data_pipeline.provides("wrd", "tokens")
@@ -191,31 +287,79 @@ def dataio_prepare(hparams, tokenizer):
     return datasets
 
 
+def validate_data(hparams):
+    """Validate the manifests on the main process; every rank gets the result.
+
+    Returns the IDs to leave out (with skip_invalid), or raises ConfigError with
+    the report of every bad row."""
+    bad = None
+    if if_main_process():
+        limits = AudioLimits(hparams["sample_rate"], hparams["resample"], hparams["min_samples"],
+                             hparams["max_duration"])
+        csvs = {split: hparams[f"{split}_csv"] for split in ("train", "valid", "test")}
+        bad = validate_manifests(csvs, hparams["data_folder"], limits, training_charset(hparams["train_csv"]))
+    bad = ddp_broadcast(bad)
+    if not bad:
+        return set()
+    if not hparams["skip_invalid"]:
+        raise ConfigError(f"{len(bad)} bad row(s) in the manifests; fix them, or set --skip_invalid=True "
+                          f"to leave them out:\n{report(bad)}")
+    reasons = {}
+    for row in bad:
+        reasons[row.reason.split(":")[0]] = reasons.get(row.reason.split(":")[0], 0) + 1
+    logger.warning(f"skip_invalid: {len({b.utt_id for b in bad})} utterance(s) left out: {reasons}")
+    return {row.utt_id for row in bad}
+
+
 def parse_args(argv):
-    """(hparams file, run_opts, overrides, find_unused_parameters or None)."""
+    """(hparams file, run_opts, overrides, flags) where flags holds the booleans
+    read here: find_unused_parameters, resume, overwrite (None when absent)."""
     if not argv or not argv[0].endswith((".yaml", ".yml")):
         argv = [str(DEFAULT_HPARAMS)] + list(argv)
-    find_unused, argv = pop_find_unused_parameters(argv)
+    flags = {}
+    for key in ("find_unused_parameters", "resume", "overwrite"):
+        flags[key], argv = pop_bool_flag(argv, key)
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    return hparams_file, run_opts, overrides, find_unused
+    return hparams_file, run_opts, overrides, flags
 
 
-def main(argv):
-    hparams_file, run_opts, overrides, find_unused = parse_args(argv)
-    sb.utils.distributed.ddp_init_group(run_opts)
+def prepare_output_folder(hparams, hparams_file, overrides, flags, test_only):
+    """Refuse to mix configurations in one output folder (unless asked), then
+    create it. Only the main process deletes anything."""
     with open(hparams_file) as f:
-        hparams = load_hyperpyyaml(f, overrides)
-    if find_unused is None:
-        find_unused = hparams.get("find_unused_parameters")
-        find_unused = None if find_unused is None else bool(find_unused)
-
+        new_config = resolve_references(f, overrides).getvalue()
+    if not test_only:
+        decision = check_output_folder(hparams["output_folder"], new_config, flags["resume"], flags["overwrite"])
+        if decision == "overwrite" and if_main_process():
+            shutil.rmtree(hparams["output_folder"])
+            logger.warning(f"--overwrite=True: deleted {hparams['output_folder']}")
+        ddp_barrier()
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=hparams_file,
         overrides=overrides,
     )
+
+
+def main(argv):
+    hparams_file, run_opts, overrides, flags = parse_args(argv)
+    sb.utils.distributed.ddp_init_group(run_opts)
+    if torch.distributed.is_initialized():
+        print(f"rank {torch.distributed.get_rank()} of world size {torch.distributed.get_world_size()} "
+              f"({run_opts.distributed_backend})", flush=True)
+    with open(hparams_file) as f:
+        hparams = load_hyperpyyaml(f, overrides)
+    precision = run_opts.precision if "precision" in run_opts.overridden_args else hparams.get("precision", "fp32")
+    device = run_opts.device or sb.utils.distributed.infer_device()
+    check_hparams(hparams, precision, device)
+    if flags["find_unused_parameters"] is None and hparams.get("find_unused_parameters") is not None:
+        flags["find_unused_parameters"] = bool(hparams["find_unused_parameters"])
+
+    # Nothing is written before the checks above; bad data stops the run here.
     if "prepare_data" in hparams:
         run_on_main(hparams["prepare_data"])
+    bad_ids = validate_data(hparams)
+    prepare_output_folder(hparams, hparams_file, overrides, flags, run_opts.test_only)
     run_on_main(
         train_tokenizer,
         kwargs={
@@ -226,19 +370,18 @@ def main(argv):
         },
     )
     tokenizer = load_tokenizer(Path(hparams["save_folder"]) / "tokenizer.model")
-    datasets = dataio_prepare(hparams, tokenizer)
+    datasets = dataio_prepare(hparams, tokenizer, bad_ids)
 
-    wavlm = hparams["wavlm"]
+    wavlm = hparams["wavlm"]()
     distributed = torch.distributed.is_initialized()
-    check_sharded_backend(wavlm.layerdrop)
     run_opts = dataclasses.replace(
         run_opts,
-        find_unused_parameters=resolve_find_unused_parameters(find_unused, distributed, wavlm),
+        find_unused_parameters=resolve_find_unused_parameters(flags["find_unused_parameters"], distributed, wavlm),
         overridden_args=run_opts.overridden_args | {"find_unused_parameters"},
     )
-
     ctc_head = hparams["ctc_head"](input_size=wavlm.output_size, n_neurons=tokenizer.vocab_size())
     checkpointer = hparams["checkpointer"]
+    checkpointer.add_recoverable("wavlm", wavlm)
     checkpointer.add_recoverable("ctc_head", ctc_head)
     asr = ASR(
         modules={"wavlm": wavlm, "ctc_head": ctc_head},
@@ -252,6 +395,7 @@ def main(argv):
     )
     steps_per_epoch = math.ceil(len(train_loader) / asr.grad_accumulation_factor)
     asr.total_steps = steps_per_epoch * hparams["number_of_epochs"]
+    logger.info(f"{len(train_loader)} training batches per epoch and rank, {asr.total_steps} optimizer steps in all")
     try:
         asr.fit(
             hparams["epoch_counter"],

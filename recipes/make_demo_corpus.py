@@ -63,7 +63,7 @@ def write_split(out_dir, name, sentences, rng):
         audio = synthesise(text, voice, speed)
         utt_id = f"{name}-{i:04d}"
         path = out_dir / "audio" / f"{utt_id}.ogg"
-        sf.write(path, audio, SAMPLE_RATE, format="OGG", subtype="VORBIS")
+        sf.write(path, audio, SAMPLE_RATE, format="OGG", subtype="VORBIS", compression_level=1.0)
         rows.append(
             {
                 "ID": utt_id,
@@ -82,9 +82,9 @@ def write_split(out_dir, name, sentences, rng):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "demo_data")
-    parser.add_argument("--n_train", type=int, default=480)
-    parser.add_argument("--n_valid", type=int, default=40)
-    parser.add_argument("--n_test", type=int, default=40)
+    parser.add_argument("--n_train", type=int, default=800)
+    parser.add_argument("--n_valid", type=int, default=50)
+    parser.add_argument("--n_test", type=int, default=50)
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
 

@@ -32,7 +32,7 @@ def train_tokenizer(train_csv, model_dir, vocab_size, model_type, text_column="w
         vocab_size=vocab_size,
         model_type=model_type,
         character_coverage=1.0,
-        hard_vocab_limit=False,  # a char model has as many pieces as characters
+        hard_vocab_limit=model_type != "char",  # a char model has as many pieces as characters
         unk_id=0,
         bos_id=-1,
         eos_id=-1,

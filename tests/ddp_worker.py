@@ -107,3 +107,20 @@ def spawn(fn_name, tmp_path, world=2, **kwargs):
     for r, result in enumerate(results):
         assert not (isinstance(result, dict) and "exception" in result), f"rank {r}:\n{result['exception']}"
     return results
+
+
+def nonfinite_on_one_rank(patience):
+    """Rank 1's loss is NaN at step 1: both ranks must skip that step, and stop
+    with the error once NaN lasts longer than `patience`."""
+    from fault_tolerance import NonFiniteGuard
+
+    guard = NonFiniteGuard(patience)
+    rank = dist.get_rank()
+    decisions = []
+    try:
+        for step in range(4):
+            nan_here = rank == 1 and step >= 1
+            decisions.append(guard.step_is_finite(torch.tensor(float("nan") if nan_here else 1.0)))
+    except ValueError as error:
+        return {"decisions": decisions, "error": str(error)}
+    return {"decisions": decisions, "error": None}

@@ -8,7 +8,7 @@ from preflight import (
     ConfigError,
     check_sharded_backend,
     explain_reduction_error,
-    pop_find_unused_parameters,
+    pop_bool_flag,
     resolve_find_unused_parameters,
 )
 from wavlm_wrapper import WavLM
@@ -34,12 +34,12 @@ def without_layerdrop(tiny_wavlm_dir):
     ],
 )
 def test_find_unused_parameters_is_read_as_a_boolean_flag(argv, value, rest):
-    assert pop_find_unused_parameters(argv) == (value, rest)
+    assert pop_bool_flag(argv, "find_unused_parameters") == (value, rest)
 
 
 def test_a_non_boolean_find_unused_parameters_names_the_flag():
     with pytest.raises(ConfigError, match="--find_unused_parameters=maybe is not a boolean"):
-        pop_find_unused_parameters(["--find_unused_parameters=maybe"])
+        pop_bool_flag(["--find_unused_parameters=maybe"], "find_unused_parameters")
 
 
 def test_layerdrop_under_ddp_turns_find_unused_parameters_on_when_unset(with_layerdrop, caplog):

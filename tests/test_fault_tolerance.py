@@ -1,0 +1,240 @@
+"""Bad data, interrupted saves, non-finite losses and invalid hparams."""
+
+import csv
+import logging
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from speechbrain.utils.checkpoints import METAFNAME
+
+from ddp_worker import spawn
+from fault_tolerance import NonFiniteGuard, SafeCheckpointer
+from preflight import ConfigError, check_hparams, check_output_folder
+from recipes.validate_manifest import AudioLimits, training_charset, validate_manifests
+from train import dataio_prepare
+
+LIMITS = AudioLimits(sample_rate=16000, resample=True, min_samples=400, max_duration=2.0)
+
+
+def tone(seconds, rate=16000, channels=1):
+    t = np.arange(int(seconds * rate)) / rate
+    audio = 0.3 * np.sin(2 * np.pi * 220 * t)
+    return np.stack([audio] * channels, axis=1) if channels > 1 else audio
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["ID", "duration", "wav", "spk_id", "wrd"])
+        writer.writeheader()
+        for utt_id, wav, wrd in rows:
+            writer.writerow({"ID": utt_id, "duration": "1.0", "wav": wav, "spk_id": "s", "wrd": wrd})
+    return path
+
+
+@pytest.fixture
+def audio_dir(tmp_path):
+    sf.write(tmp_path / "good.wav", tone(1.0), 16000)
+    sf.write(tmp_path / "rate8k.wav", tone(1.0, rate=8000), 8000)
+    sf.write(tmp_path / "stereo.wav", tone(1.0, channels=2), 16000)
+    sf.write(tmp_path / "short.wav", tone(0.0125), 16000)  # 200 samples
+    sf.write(tmp_path / "long.wav", tone(3.0), 16000)
+    sf.write(tmp_path / "full.flac", tone(2.0), 16000)
+    data = (tmp_path / "full.flac").read_bytes()
+    (tmp_path / "truncated.flac").write_bytes(data[: len(data) // 3])
+    (tmp_path / "garbage.wav").write_bytes(b"RIFF" + bytes(range(256)) * 4)
+    return tmp_path
+
+
+def test_every_kind_of_bad_row_is_reported_with_file_row_and_reason(audio_dir):
+    train = write_csv(audio_dir / "train.csv", [
+        ("ok", "$data_root/good.wav", "HELLO"),
+        ("stereo", "$data_root/stereo.wav", "HELLO"),
+        ("rate", "$data_root/rate8k.wav", "HELLO"),
+        ("gone", "$data_root/missing.wav", "HELLO"),
+        ("corrupt", "$data_root/garbage.wav", "HELLO"),
+        ("cut", "$data_root/truncated.flac", "HELLO"),
+        ("short", "$data_root/short.wav", "HELLO"),
+        ("long", "$data_root/long.wav", "HELLO"),
+        ("empty", "$data_root/good.wav", "  "),
+        ("ok", "$data_root/good.wav", "HELLO"),
+    ])
+    test = write_csv(audio_dir / "test.csv", [("t1", "$data_root/good.wav", "HÉLLO")])
+    bad = validate_manifests({"train": train, "test": test}, audio_dir, LIMITS, training_charset(train))
+    found = {(b.file.split("/")[-1], b.row, b.utt_id, b.reason.split(":")[0].split(" (")[0]) for b in bad}
+    assert found == {
+        ("train.csv", 5, "gone", "missing file"),
+        ("train.csv", 6, "corrupt", "unreadable or corrupt audio"),
+        ("train.csv", 7, "cut", "unreadable or corrupt audio"),
+        ("train.csv", 8, "short", "too short for the CNN"),
+        ("train.csv", 9, "long", "longer than max_duration"),
+        ("train.csv", 10, "empty", "empty transcript"),
+        ("train.csv", 11, "ok", "duplicate ID, first at " + str(train)),
+        ("test.csv", 2, "t1", "characters the tokenizer cannot encode"),
+    }
+
+
+def test_another_sample_rate_is_invalid_only_when_resampling_is_off(audio_dir):
+    manifest = write_csv(audio_dir / "m.csv", [("rate", "$data_root/rate8k.wav", "HI")])
+    strict = AudioLimits(16000, resample=False, min_samples=400, max_duration=None)
+    bad = validate_manifests({"train": manifest}, audio_dir, strict, {"H", "I"})
+    assert [b.reason.split(" Hz")[0] for b in bad] == ["sample rate 8000"]
+    assert validate_manifests({"train": manifest}, audio_dir, LIMITS, {"H", "I"}) == []
+
+
+def test_a_manifest_without_the_required_columns_is_reported(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("ID,path,text\na,b,c\n")
+    bad = validate_manifests({"train": path}, tmp_path, LIMITS, set())
+    assert len(bad) == 1 and "missing column(s) duration, wav, wrd" in bad[0].reason
+
+
+class CharTokenizer:
+    def encode_as_ids(self, text):
+        return [ord(c) for c in text]
+
+
+def test_audio_is_downmixed_and_resampled_on_load(audio_dir):
+    manifest = write_csv(audio_dir / "m.csv", [("stereo", "$data_root/stereo.wav", "A"),
+                                               ("rate", "$data_root/rate8k.wav", "B")])
+    hparams = {"data_folder": str(audio_dir), "train_csv": manifest, "valid_csv": manifest,
+               "test_csv": manifest, "max_duration": 10.0, "sample_rate": 16000}
+    data = dataio_prepare(hparams, CharTokenizer(), bad_ids=set())["train"]
+    items = {item["id"]: item["sig"] for item in data}
+    assert items["stereo"].shape == (16000,)
+    assert items["rate"].shape == (16000,)
+    torch.testing.assert_close(items["stereo"], torch.from_numpy(tone(1.0)).float(), atol=1e-4, rtol=0)
+
+
+def test_skipped_rows_are_left_out_of_the_datasets(audio_dir):
+    manifest = write_csv(audio_dir / "m.csv", [("a", "$data_root/good.wav", "A"), ("b", "$data_root/good.wav", "B")])
+    hparams = {"data_folder": str(audio_dir), "train_csv": manifest, "valid_csv": manifest,
+               "test_csv": manifest, "max_duration": 10.0, "sample_rate": 16000}
+    data = dataio_prepare(hparams, CharTokenizer(), bad_ids={"a"})
+    assert [item["id"] for item in data["test"]] == ["b"]
+
+
+class Counter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.value = torch.nn.Parameter(torch.zeros(1))
+
+
+class FailingSave:
+    """A recoverable whose save dies half-way (like a kill during a save)."""
+
+    def __init__(self):
+        self.fail = False
+
+    def save(self, path):
+        if self.fail:
+            raise KeyboardInterrupt("interrupted during the save")
+        path.write_text("ok")
+
+    def load(self, path, end_of_epoch):
+        pass
+
+
+def make_checkpointer(folder, module):
+    checkpointer = SafeCheckpointer(folder, recoverables={"a_model": module})
+    return checkpointer
+
+
+def test_an_interrupted_save_is_never_loaded_and_is_removed(tmp_path):
+    model, failing = Counter(), FailingSave()
+    checkpointer = SafeCheckpointer(tmp_path, recoverables={"a_model": model},
+                                    custom_load_hooks={"z_state": FailingSave.load},
+                                    custom_save_hooks={"z_state": FailingSave.save})
+    checkpointer.add_recoverable("z_state", failing, custom_save_hook=FailingSave.save,
+                                 custom_load_hook=FailingSave.load)
+    model.value.data.fill_(1.0)
+    checkpointer.save_checkpoint(meta={"WER": 50.0})
+    model.value.data.fill_(2.0)
+    failing.fail = True
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save_checkpoint(meta={"WER": 40.0})
+    folders = sorted(tmp_path.glob("CKPT+*"))
+    assert len(folders) == 2 and not (folders[-1] / METAFNAME).exists()  # the half-written one
+
+    restored = Counter()
+    reader = SafeCheckpointer(tmp_path, recoverables={"a_model": restored})
+    checkpoint = reader.recover_if_possible()
+    assert checkpoint.meta["WER"] == 50.0 and restored.value.item() == 1.0
+    assert reader.remove_interrupted_saves() == [folders[-1]]
+    assert sorted(tmp_path.glob("CKPT+*")) == folders[:1]
+
+
+def test_the_best_wer_checkpoint_survives_later_worse_ones(tmp_path):
+    model = Counter()
+    checkpointer = SafeCheckpointer(tmp_path, recoverables={"a_model": model})
+    for epoch, wer in enumerate([30.0, 20.0, 25.0, 40.0, 35.0]):
+        model.value.data.fill_(float(epoch))
+        checkpointer.save_and_keep_only(meta={"WER": wer}, min_keys=["WER"])
+        # an intra-epoch save, as SpeechBrain makes it
+        checkpointer.save_and_keep_only(end_of_epoch=False, num_to_keep=1, meta={"intra": True},
+                                        ckpt_predicate=lambda c: "intra" in c.meta)
+    kept = {c.meta.get("WER") for c in checkpointer.list_checkpoints()}
+    assert 20.0 in kept
+    restored = Counter()
+    SafeCheckpointer(tmp_path, recoverables={"a_model": restored}).recover_if_possible(min_key="WER")
+    assert restored.value.item() == 1.0
+
+
+def test_nonfinite_steps_are_skipped_then_stop_after_patience(caplog):
+    guard = NonFiniteGuard(patience=2)
+    assert guard.step_is_finite(torch.tensor(1.0))
+    assert not guard.step_is_finite(torch.tensor(float("nan")))
+    assert not guard.step_is_finite(torch.tensor(float("inf")))
+    assert guard.step_is_finite(torch.tensor(0.5))  # a good step resets the run of bad ones
+    assert not guard.step_is_finite(torch.tensor(float("nan")))
+    assert not guard.step_is_finite(torch.tensor(float("nan")))
+    with pytest.raises(ConfigError, match="nonfinite_patience=2.*--precision=bf16"):
+        guard.step_is_finite(torch.tensor(float("nan")))
+    assert guard.skipped_total == 5
+
+
+def test_a_nonfinite_loss_on_one_rank_makes_every_rank_skip(tmp_path):
+    ranks = spawn("nonfinite_on_one_rank", tmp_path, patience=2)
+    for result in ranks:
+        assert result["decisions"] == [True, False, False]
+        assert "nonfinite_patience=2" in result["error"]
+
+
+@pytest.fixture
+def hparams(tmp_path):
+    return {"layerdrop": 0.1, "layerdrop_mode": "synced", "data_folder": str(tmp_path)}
+
+
+@pytest.mark.parametrize(
+    "change,precision,device,message",
+    [
+        ({"layerdrop": 1.0}, "fp32", "cpu", "layerdrop=1.0 is outside"),
+        ({"layerdrop": -0.2}, "fp32", "cpu", "--layerdrop"),
+        ({"layerdrop_mode": "random"}, "fp32", "cpu", "--layerdrop_mode=synced"),
+        ({}, "fp8", "cpu", "precision=fp8 is unknown: set --precision"),
+        ({}, "fp16", "cpu", "precision=fp16 needs a CUDA GPU"),
+        ({"data_folder": "/no/such/folder"}, "fp32", "cpu", "data_folder=/no/such/folder does not exist"),
+    ],
+)
+def test_invalid_hparams_fail_with_one_line_naming_the_key(hparams, change, precision, device, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        check_hparams({**hparams, **change}, precision, device)
+    assert "\n" not in str(error.value)
+
+
+def test_valid_hparams_pass(hparams):
+    check_hparams(hparams, "bf16", "cpu")
+    check_hparams(hparams, "fp16", "cuda:0")
+
+
+def test_an_output_folder_of_another_configuration_is_refused_unless_asked(tmp_path):
+    (tmp_path / "hyperparams.yaml").write_text("# Generated 2026-11-28 from:\n# /x.yaml\n# yamllint disable\n"
+                                               "seed: 1\nlayerdrop: 0.1\nlr: 0.5\n")
+    assert check_output_folder(tmp_path / "fresh", "seed: 1\n", False, False) == "new"
+    assert check_output_folder(tmp_path, "seed: 1\nlayerdrop: 0.1\nlr: 0.5\n", False, False) == "same"
+    other = "seed: 1\nlayerdrop: 0.3\nlr: 0.5\n"
+    with pytest.raises(ConfigError, match=r"another configuration \(changed: layerdrop\).*--resume=True.*--overwrite=True"):
+        check_output_folder(tmp_path, other, False, False)
+    assert check_output_folder(tmp_path, other, True, False) == "resume"
+    assert check_output_folder(tmp_path, other, False, True) == "overwrite"
