@@ -1,8 +1,8 @@
 """Synthesise the bundled demo corpus with eSpeak NG (run once; the result is shipped).
 
 The corpus is real synthesised English speech: short sentences drawn from a small
-grammar, spoken by several eSpeak NG voices at several speeds, resampled to 16 kHz
-and stored as Ogg Vorbis with SpeechBrain CSV manifests (train / valid / test share no
+grammar, spoken by several eSpeak NG voices at several speeds, stored at 8 kHz
+as Ogg Vorbis (train.py resamples to 16 kHz on load) with SpeechBrain CSV manifests (train / valid / test share no
 sentence). Only the maintainers need espeak-ng; users get the shipped files.
 
     python recipes/make_demo_corpus.py --out recipes/demo_data
@@ -20,7 +20,8 @@ import soundfile as sf
 import torch
 import torchaudio
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = 16000  # the model's rate: what the manifests' durations describe
+STORE_RATE = 8000  # stored at 8 kHz (telephone band) to fit the repository; train.py resamples
 COLOURS = ["red", "green", "blue", "black", "white", "yellow", "brown", "pink"]
 NOUNS = ["cat", "dog", "fish", "bird", "horse", "mouse", "snake", "goat"]
 VERBS = ["sees", "likes", "finds", "jumps over", "runs to", "sits near"]
@@ -63,11 +64,12 @@ def write_split(out_dir, name, sentences, rng):
         audio = synthesise(text, voice, speed)
         utt_id = f"{name}-{i:04d}"
         path = out_dir / "audio" / f"{utt_id}.ogg"
-        sf.write(path, audio, SAMPLE_RATE, format="OGG", subtype="VORBIS", compression_level=1.0)
+        stored = torchaudio.functional.resample(torch.from_numpy(audio), SAMPLE_RATE, STORE_RATE).numpy()
+        sf.write(path, stored, STORE_RATE, format="OGG", subtype="VORBIS")
         rows.append(
             {
                 "ID": utt_id,
-                "duration": f"{len(audio) / SAMPLE_RATE:.3f}",
+                "duration": f"{len(stored) / STORE_RATE:.3f}",
                 "wav": f"$data_root/audio/{utt_id}.ogg",
                 "spk_id": voice,
                 "wrd": text.upper(),

@@ -3,7 +3,10 @@
 This is the CI smoke test, and the acceptance commands of the LayerDrop issue."""
 
 import os
+import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +95,98 @@ def test_sharded_evaluation_on_two_ranks_gives_the_single_process_wer(tmp_path):
     assert sharded.splitlines()[0] == single.splitlines()[0]  # %WER x [ edits / words, ins, del, sub ]
     ids = lambda text: sorted(line.split(",")[0] for line in text.splitlines() if line.startswith("test-"))
     assert ids(sharded) == ids(single) and len(ids(single)) == 40
+
+
+def run_train(tmp_path, *args):
+    """train.py on one process (no torchrun), outputs under tmp_path."""
+    command = ["python3", str(ROOT / "train.py"), *args, f"--wavlm_source={tmp_path / 'wavlm-small'}",
+               "--noprogressbar"]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--layerdrop=1.5"], "error: layerdrop=1.5 is outside [0, 1)"),
+        (["--precision=fp16"], "error: precision=fp16 needs a CUDA GPU"),
+        (["--data_folder=/no/such/place"], "error: data_folder=/no/such/place does not exist"),
+    ],
+)
+def test_invalid_hparams_stop_at_start_with_one_line_and_write_nothing(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = run_train(tmp_path, *args, f"--output_folder={out}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_bad_manifest_rows_stop_the_run_or_are_skipped_when_asked(tmp_path):
+    demo = ROOT / "recipes" / "demo_data"
+    rows = (demo / "train.csv").read_text().splitlines()
+    broken = tmp_path / "train.csv"
+    broken.write_text("\n".join(rows + ["ghost-0001,1.5,$data_root/audio/ghost.ogg,x,SIX RED CAT SEES THE DOG"]) + "\n")
+    out = tmp_path / "out"
+    stopped = run_train(tmp_path, f"--train_csv={broken}", f"--output_folder={out}")
+    assert stopped.returncode == 2
+    assert f"{broken}:{len(rows) + 1} (ghost-0001): missing file" in stopped.stderr
+    assert "--skip_invalid=True" in stopped.stderr
+    assert not out.exists()
+
+    skipped = run_train(tmp_path, f"--train_csv={broken}", f"--output_folder={out}", "--skip_invalid=True",
+                        *FAST)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "skip_invalid: 1 utterance(s) left out" in skipped.stdout + skipped.stderr
+
+
+def test_a_second_run_with_another_configuration_in_the_same_folder_is_refused(tmp_path):
+    out = tmp_path / "out"
+    first = run_train(tmp_path, f"--output_folder={out}", *FAST)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_train(tmp_path, f"--output_folder={out}", "--layerdrop=0.3", *FAST)
+    assert second.returncode == 2
+    assert "changed: layerdrop" in second.stderr and "--resume=True" in second.stderr
+    again = run_train(tmp_path, f"--output_folder={out}", "--layerdrop=0.3", "--overwrite=True", *FAST)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
+def worker_pid(marker, rank):
+    """The pid of the torchrun worker of `rank` whose command line holds `marker`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if any(marker.encode() in part for part in cmdline) and f"RANK={rank}".encode() in environ \
+                and b"train.py" in b" ".join(cmdline):
+            return int(proc.name)
+    return None
+
+
+def test_a_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    log_path = tmp_path / "run.log"
+    command = [str(ROOT / "launch_ddp.sh"), "--max-restarts", "1", f"--output_folder={out}",
+               f"--wavlm_source={tmp_path / 'wavlm-small'}", "--noprogressbar", "--number_of_epochs=1",
+               "--ckpt_interval_steps=5"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "MASTER_PORT": str(free_port())})
+        deadline = time.time() + 300
+        while not any((c / "CKPT.yaml").exists() for c in (out / "save").glob("CKPT+*")):
+            assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        victim = worker_pid(str(out), rank=1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        code = process.wait(timeout=600)
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
+    resumed = re.search(r"resumed from checkpoint: epoch 1, batch (\d+) of the epoch, optimizer step (\d+)", text)
+    assert resumed, text[-3000:]
+    assert int(resumed.group(2)) > 0 and int(resumed.group(2)) % 5 == 0
+    per_epoch = int(re.search(r"(\d+) training batches per epoch and rank", text).group(1))
+    final = int(re.search(r"epoch 1: train loss .*\(optimizer step (\d+)\)", text).group(1))
+    assert final == per_epoch  # nothing skipped, nothing counted twice
+    assert "test WER" in text
