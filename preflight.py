@@ -136,6 +136,12 @@ def check_hparams(hparams, precision, device):
     if not data_folder.is_dir():
         raise ConfigError(f"data_folder={data_folder} does not exist: set --data_folder to the folder "
                           "that holds the audio (for LibriSpeech, the extracted LibriSpeech/)")
+    if hparams.get("use_tensorboard"):
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("use_tensorboard=True needs the tensorboard package: pip install tensorboard, "
+                              "or set --use_tensorboard=False") from None
     check_sharded_backend(layerdrop)
 
 

@@ -12,7 +12,9 @@ and `--precision` (fp32, fp16, bf16) reach DDP and autocast.
 import dataclasses
 import logging
 import math
+import resource
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from preflight import (
     pop_bool_flag,
     resolve_find_unused_parameters,
 )
+from training_curves import append_history, plot_history
 from recipes.tokenizer import load_tokenizer, train_tokenizer
 from recipes.validate_manifest import AudioLimits, report, training_charset, validate_manifests
 
@@ -90,6 +93,8 @@ class ASR(sb.Brain):
         return loss
 
     def on_fit_start(self):
+        if self.hparams.use_tensorboard and if_main_process():
+            self.tensorboard = sb.utils.train_logger.TensorboardLogger(self.hparams.tensorboard_folder)
         self.nonfinite = NonFiniteGuard(self.nonfinite_patience)
         self.accumulated_finite = True
         self.checkpointer.remove_interrupted_saves()
@@ -127,6 +132,8 @@ class ASR(sb.Brain):
                 group["lr"] = lr
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        wavs, wav_lens = batch.sig
+        self.audio_seconds += float(wav_lens.sum()) * wavs.shape[1] / self.hparams.sample_rate
         interval = self.hparams.layerdrop_check_interval
         if should_step and interval > 0 and self.optimizer_step % interval == 0:
             check_layerdrop_in_sync(unwrap(self.modules.wavlm))
@@ -148,6 +155,9 @@ class ASR(sb.Brain):
     def on_stage_start(self, stage, epoch=None):
         if stage == sb.Stage.TRAIN:
             unwrap(self.modules.wavlm).reset_drop_counts()
+            self.epoch_start, self.audio_seconds = time.time(), 0.0
+            if self.device_type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
         else:
             self.wer_metric = self.hparams.error_rate_computer()
             self.cer_metric = self.hparams.cer_computer()
@@ -166,7 +176,11 @@ class ASR(sb.Brain):
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage == sb.Stage.TRAIN:
-            self.train_stats = {"loss": round(stage_loss, 4)}
+            self.train_stats = {
+                "loss": round(stage_loss, 4),
+                "audio_s_per_s": round(global_sum(self.audio_seconds) / (time.time() - self.epoch_start), 1),
+                "peak_mem_GiB": round(peak_memory_gib(self.device_type), 2),
+            }
             wavlm = unwrap(self.modules.wavlm)
             if wavlm.layerdrop > 0:
                 logger.info(f"Epoch {epoch}: steps each layer was dropped: {wavlm.drop_counts}")
@@ -179,14 +193,12 @@ class ASR(sb.Brain):
             "WER": round(self.wer_metric.summarize("error_rate"), 2),
         }
         if stage == sb.Stage.VALID:
-            lrs = {f"lr_{name}": f"{opt.param_groups[0]['lr']:.2e}" for name, opt in self.optimizers_dict.items()}
+            lrs = {f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in self.optimizers_dict.items()}
             self.hparams.train_logger.log_stats(
                 stats_meta={"epoch": epoch, **lrs}, train_stats=self.train_stats, valid_stats=stats
             )
             if if_main_process():
-                print(f"epoch {epoch}: train loss {self.train_stats['loss']}, valid loss "
-                      f"{stats['loss']}, valid CER {stats['CER']} %, WER {stats['WER']} % "
-                      f"(optimizer step {self.optimizer_step})", flush=True)
+                self.report_epoch(epoch, stats, lrs)
             self.checkpointer.save_and_keep_only(meta={"WER": stats["WER"]}, min_keys=["WER"])
         else:
             self.hparams.train_logger.log_stats(
@@ -198,6 +210,38 @@ class ASR(sb.Brain):
                 print(f"test WER {stats['WER']} %, CER {stats['CER']} % "
                       f"(details in {self.hparams.test_wer_file})", flush=True)
             self.test_stats = stats
+
+
+    def report_epoch(self, epoch, stats, lrs):
+        """The epoch line, the history and its plot, and TensorBoard (main process)."""
+        train = self.train_stats
+        lr_text = ", ".join(f"{name[3:]} {lr:.1e}" for name, lr in lrs.items())
+        print(f"epoch {epoch}: train loss {train['loss']}, valid loss {stats['loss']}, valid CER "
+              f"{stats['CER']} %, WER {stats['WER']} %, lr {lr_text}, {train['audio_s_per_s']} audio-s/s, "
+              f"peak mem {train['peak_mem_GiB']} GiB (optimizer step {self.optimizer_step})", flush=True)
+        record = {"epoch": epoch, "train_loss": train["loss"], **{f"valid_{k}": v for k, v in stats.items()},
+                  **lrs, "audio_s_per_s": train["audio_s_per_s"], "peak_mem_GiB": train["peak_mem_GiB"]}
+        output = Path(self.hparams.output_folder)
+        history = append_history(output / "history.json", record)
+        plot_history(history, output / "training_curves.png")
+        if self.hparams.use_tensorboard:
+            self.tensorboard.log_stats({"epoch": epoch, **lrs}, train_stats=train, valid_stats=stats)
+
+
+def global_sum(value):
+    """`value` summed over all ranks."""
+    if not torch.distributed.is_initialized():
+        return value
+    total = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(total, value)
+    return sum(total)
+
+
+def peak_memory_gib(device_type):
+    """Peak GPU memory of this process on CUDA, else its peak resident memory."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -380,7 +424,7 @@ def main(argv):
         overridden_args=run_opts.overridden_args | {"find_unused_parameters"},
     )
     ctc_head = hparams["ctc_head"](input_size=wavlm.output_size, n_neurons=tokenizer.vocab_size())
-    checkpointer = hparams["checkpointer"]
+    checkpointer = hparams["checkpointer"]()
     checkpointer.add_recoverable("wavlm", wavlm)
     checkpointer.add_recoverable("ctc_head", ctc_head)
     asr = ASR(

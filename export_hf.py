@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Export a finished run to the HuggingFace format: a `WavLMForCTC` folder that
+`transformers` loads, with the feature extractor and the CTC tokenizer.
+
+    python export_hf.py results/demo/1986 exported/
+    # then: WavLMForCTC.from_pretrained("exported/"), Wav2Vec2Processor.from_pretrained("exported/")
+
+The exported model computes the same logits as the recipe's model (tested).
+The feature extractor normalises each waveform as the recipe does (normalize_wav),
+and the tokenizer maps the SentencePiece vocabulary (id 0, `<unk>`, is the CTC
+blank and the pad token; `▁` separates words). The SentencePiece model is copied
+beside it for unigram vocabularies, which the CTC tokenizer cannot decode.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor, WavLMForCTC
+
+from transcribe import TrainedModel
+
+WORD_DELIMITER = "\u2581"  # SentencePiece's word-boundary mark
+
+
+def export(output_folder, export_dir):
+    trained = TrainedModel(output_folder, device="cpu")
+    export_dir = Path(export_dir)
+    if export_dir.exists() and any(export_dir.iterdir()):
+        raise FileExistsError(f"{export_dir} is not empty: choose a new folder")
+    export_dir.mkdir(parents=True, exist_ok=True)
+    vocab_size = trained.tokenizer.vocab_size()
+    config = trained.wavlm.model.config.to_dict()
+    config.update(architectures=["WavLMForCTC"], vocab_size=vocab_size, pad_token_id=trained.blank_index,
+                  ctc_loss_reduction="mean", layerdrop=0.0)
+    model = WavLMForCTC(type(trained.wavlm.model.config).from_dict(config))
+    model.wavlm.load_state_dict(trained.wavlm.model.state_dict(), strict=False)
+    model.lm_head.load_state_dict({"weight": trained.head.w.weight, "bias": trained.head.w.bias})
+    model.save_pretrained(export_dir)
+
+    vocab = {trained.tokenizer.id_to_piece(i): i for i in range(vocab_size)}
+    (export_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1))
+    tokenizer = Wav2Vec2CTCTokenizer(str(export_dir / "vocab.json"), unk_token="<unk>", pad_token="<unk>",
+                                     word_delimiter_token=WORD_DELIMITER, bos_token=None, eos_token=None)
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=trained.sample_rate, padding_value=0.0,
+                                         do_normalize=trained.wavlm.normalize_wav, return_attention_mask=True)
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(export_dir)
+    shutil.copy(trained.tokenizer_path, export_dir / "sentencepiece.model")
+    return export_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_folder", help="the output_folder of a training run")
+    parser.add_argument("export_dir", help="a new (or empty) folder")
+    args = parser.parse_args(argv)
+    print(f"exported to {export(args.output_folder, args.export_dir)}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,48 @@
+"""Per-epoch history of a run, and its plot (main process only).
+
+The history lives in `<output_folder>/history.json`, one record per epoch, so a
+resumed run keeps the curves of the epochs before the restart.
+"""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training nodes
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def append_history(path, record):
+    """Add (or replace, when an epoch is repeated after a restart) one epoch's record."""
+    path = Path(path)
+    history = json.loads(path.read_text()) if path.exists() else []
+    history = [r for r in history if r["epoch"] != record["epoch"]] + [record]
+    history.sort(key=lambda r: r["epoch"])
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(history, indent=1))
+    tmp.replace(path)
+    return history
+
+
+def plot_history(history, png_path):
+    """Train and valid loss, valid WER / CER, and the learning rates per epoch."""
+    epochs = [r["epoch"] for r in history]
+    fig, (loss_ax, wer_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.6))
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    loss_ax.plot(epochs, [r["valid_loss"] for r in history], "o-", label="valid")
+    loss_ax.set(title="CTC loss", xlabel="epoch")
+    loss_ax.legend()
+    wer_ax.plot(epochs, [r["valid_WER"] for r in history], "o-", label="WER")
+    wer_ax.plot(epochs, [r["valid_CER"] for r in history], "o-", label="CER")
+    wer_ax.set(title="valid error rate (%)", xlabel="epoch")
+    wer_ax.legend()
+    for name in sorted({k for r in history for k in r if k.startswith("lr_")}):
+        lr_ax.plot(epochs, [r.get(name) for r in history], "o-", label=name[3:])
+    lr_ax.set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log")
+    lr_ax.legend()
+    fig.tight_layout()
+    tmp = Path(png_path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png_path)
