@@ -8,7 +8,7 @@
 The exported model computes the same logits as the recipe's model (tested).
 The feature extractor normalises each waveform as the recipe does (normalize_wav),
 and the tokenizer maps the SentencePiece vocabulary (id 0, `<unk>`, is the CTC
-blank and the pad token; `▁` separates words). The SentencePiece model is copied
+blank and the pad token; SentencePiece's `▁` becomes the delimiter `|`). The SentencePiece model is copied
 beside it for unigram vocabularies, which the CTC tokenizer cannot decode.
 """
 
@@ -22,7 +22,8 @@ from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec
 
 from transcribe import TrainedModel
 
-WORD_DELIMITER = "\u2581"  # SentencePiece's word-boundary mark
+SPM_WORD_MARK = "\u2581"  # SentencePiece's word-boundary piece
+WORD_DELIMITER = "|"  # the CTC tokenizer's default delimiter (transformers 5 does not save another one)
 
 
 def export(output_folder, export_dir):
@@ -40,7 +41,10 @@ def export(output_folder, export_dir):
     model.lm_head.load_state_dict({"weight": trained.head.w.weight, "bias": trained.head.w.bias})
     model.save_pretrained(export_dir)
 
-    vocab = {trained.tokenizer.id_to_piece(i): i for i in range(vocab_size)}
+    pieces = [trained.tokenizer.id_to_piece(i) for i in range(vocab_size)]
+    if WORD_DELIMITER in pieces:
+        raise ValueError(f"the vocabulary already holds {WORD_DELIMITER!r}: the export cannot map words onto it")
+    vocab = {WORD_DELIMITER if piece == SPM_WORD_MARK else piece: i for i, piece in enumerate(pieces)}
     (export_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1))
     tokenizer = Wav2Vec2CTCTokenizer(str(export_dir / "vocab.json"), unk_token="<unk>", pad_token="<unk>",
                                      word_delimiter_token=WORD_DELIMITER, bos_token=None, eos_token=None)
@@ -62,6 +66,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, FileExistsError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -43,7 +43,7 @@ def test_epoch_line_shows_loss_wer_learning_rates_throughput_and_memory(finished
     lines = [line for line in finished_run[1].splitlines() if line.startswith("epoch 2:")]
     assert lines, finished_run[1][-2000:]
     assert re.search(r"train loss [\d.]+, valid loss [\d.]+, valid CER [\d.]+ %, WER [\d.]+ %, "
-                     r"lr wavlm [\d.e+-]+, head [\d.e+-]+, [\d.]+ audio-s/s, peak mem [\d.]+ GiB", lines[0])
+                     r"lr head [\d.e+-]+, wavlm [\d.e+-]+, [\d.]+ audio-s/s, peak mem [\d.]+ GiB", lines[0])
 
 
 def test_training_curves_png_is_written_each_epoch(finished_run):
