@@ -2,7 +2,9 @@
 taken for valid when half-written, and a guard that skips non-finite steps on
 every rank at once."""
 
+import datetime
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -84,3 +86,23 @@ class NonFiniteGuard:
                 "of fp16, or lower max_grad_norm"
             )
         return False
+
+
+def init_distributed(backend, timeout_s):
+    """Join the torchrun process group; returns False when not launched by torchrun.
+
+    torchrun reuses its store across restarts (--max-restarts), and a new worker
+    could read the address that a dead worker of the previous attempt left there,
+    then wait forever to connect to it. The keys are therefore prefixed with the
+    restart count, so every attempt meets only its own workers.
+    """
+    if "RANK" not in os.environ or "LOCAL_RANK" not in os.environ:
+        return False
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world_size = next(torch.distributed.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = torch.distributed.PrefixStore(f"attempt_{attempt}/", store)
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    return True

@@ -9,16 +9,17 @@ overridden on the command line (`--layerdrop=0.05`); `--find_unused_parameters`
 and `--precision` (fp32, fp16, bf16) reach DDP and autocast.
 """
 
+import collections
 import dataclasses
 import logging
 import math
 import resource
+import shutil
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import shutil
 
 import soundfile as sf
 import speechbrain as sb
@@ -27,7 +28,7 @@ import torchaudio
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main
 
-from fault_tolerance import NonFiniteGuard
+from fault_tolerance import NonFiniteGuard, init_distributed
 from preflight import (
     ConfigError,
     check_hparams,
@@ -42,6 +43,8 @@ from recipes.validate_manifest import AudioLimits, report, training_charset, val
 
 logger = logging.getLogger(__name__)
 DEFAULT_HPARAMS = Path(__file__).resolve().parent / "hparams" / "demo.yaml"
+# How long a collective may wait for a slow rank (set before the YAML is read; SpeechBrain's value).
+DDP_TIMEOUT_S = 7200
 
 
 def learning_rate(step, peak, warmup_steps, total_steps, final_ratio):
@@ -99,6 +102,10 @@ class ASR(sb.Brain):
         self.accumulated_finite = True
         self.checkpointer.remove_interrupted_saves()
         super().on_fit_start()  # wraps DDP, builds optimizers, recovers the latest checkpoint
+        encoder = self.modules.wavlm
+        if isinstance(encoder, torch.nn.parallel.DistributedDataParallel):
+            logger.info(f"DDP wraps the encoder with find_unused_parameters={encoder.find_unused_parameters}; "
+                        f"training precision {self.precision}")
         if self.optimizer_step > 0 and if_main_process():
             print(f"resumed from checkpoint: epoch {self.hparams.epoch_counter.current + 1}, batch "
                   f"{self.step} of the epoch, optimizer step {self.optimizer_step}", flush=True)
@@ -294,6 +301,16 @@ def check_layerdrop_in_sync(wavlm):
         )
 
 
+def load_audio(path, sample_rate):
+    """Mono float32 audio at `sample_rate`: several channels are averaged, another
+    rate is resampled (the manifest check decides whether that is allowed)."""
+    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    audio = torch.from_numpy(audio).mean(dim=1)
+    if rate != sample_rate:
+        audio = torchaudio.functional.resample(audio, rate, sample_rate)
+    return audio
+
+
 def dataio_prepare(hparams, tokenizer, bad_ids):
     """Train / valid / test datasets with the audio and text pipelines;
     `bad_ids` (rows that failed validation, with skip_invalid) are left out."""
@@ -308,16 +325,10 @@ def dataio_prepare(hparams, tokenizer, bad_ids):
         key_test = {"id": lambda utt_id: utt_id not in bad_ids} if bad_ids else {}
         datasets[split] = data.filtered_sorted(sort_key="duration", key_max_value=key_max, key_test=key_test)
 
-    sample_rate = hparams["sample_rate"]
-
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav):
-        audio, rate = sf.read(wav, dtype="float32", always_2d=True)
-        audio = torch.from_numpy(audio).mean(dim=1)  # several channels: downmix
-        if rate != sample_rate:
-            audio = torchaudio.functional.resample(audio, rate, sample_rate)
-        return audio
+        return load_audio(wav, hparams["sample_rate"])
 
     @sb.utils.data_pipeline.takes("wrd")
     @sb.utils.data_pipeline.provides("wrd", "tokens")
@@ -348,10 +359,8 @@ def validate_data(hparams):
     if not hparams["skip_invalid"]:
         raise ConfigError(f"{len(bad)} bad row(s) in the manifests; fix them, or set --skip_invalid=True "
                           f"to leave them out:\n{report(bad)}")
-    reasons = {}
-    for row in bad:
-        reasons[row.reason.split(":")[0]] = reasons.get(row.reason.split(":")[0], 0) + 1
-    logger.warning(f"skip_invalid: {len({b.utt_id for b in bad})} utterance(s) left out: {reasons}")
+    reasons = collections.Counter(row.reason.split(":")[0] for row in bad)
+    logger.warning(f"skip_invalid: {len({b.utt_id for b in bad})} utterance(s) left out: {dict(reasons)}")
     return {row.utt_id for row in bad}
 
 
@@ -387,7 +396,7 @@ def prepare_output_folder(hparams, hparams_file, overrides, flags, test_only):
 
 def main(argv):
     hparams_file, run_opts, overrides, flags = parse_args(argv)
-    sb.utils.distributed.ddp_init_group(run_opts)
+    init_distributed(run_opts.distributed_backend, DDP_TIMEOUT_S)
     if torch.distributed.is_initialized():
         print(f"rank {torch.distributed.get_rank()} of world size {torch.distributed.get_world_size()} "
               f"({run_opts.distributed_backend})", flush=True)

@@ -16,14 +16,13 @@ import csv
 import sys
 from pathlib import Path
 
-import soundfile as sf
 import speechbrain as sb
 import torch
-import torchaudio
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.checkpoints import Checkpointer
 
 from recipes.tokenizer import load_tokenizer
+from train import load_audio
 
 
 class TrainedModel:
@@ -68,11 +67,7 @@ class TrainedModel:
         return [self.tokenizer.decode_ids(h) for h in hyps]
 
     def load(self, path):
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
-        audio = torch.from_numpy(audio).mean(dim=1)
-        if rate != self.sample_rate:
-            audio = torchaudio.functional.resample(audio, rate, self.sample_rate)
-        return audio
+        return load_audio(path, self.sample_rate)
 
     def transcribe_files(self, paths, batch_seconds=60.0, chunk_seconds=30.0):
         """{path: transcript}; long files are chunked (or refused with chunk_seconds=0)."""

@@ -128,6 +128,8 @@ class WavLM(nn.Module):
         ``sdpa`` (memory-efficient, the default) or ``eager`` (HF's own).
     compile_layers : bool
         ``torch.compile`` each encoder layer (one graph per layer, whatever is dropped).
+    compile_backend : str
+        The ``torch.compile`` backend (``inductor``; ``aot_eager`` to debug).
     normalize_wav : bool
         Zero-mean unit-variance normalisation of each waveform over its real samples.
     """
@@ -153,6 +155,7 @@ class WavLM(nn.Module):
         freeze="cnn",
         attention="sdpa",
         compile_layers=False,
+        compile_backend="inductor",
         normalize_wav=True,
     ):
         super().__init__()
@@ -202,7 +205,9 @@ class WavLM(nn.Module):
                 attn.torch_multi_head_self_attention = types.MethodType(_sdpa_self_attention, attn)
         self.layers = list(self.model.encoder.layers)
         if compile_layers:
-            self.layers = [torch.compile(layer, dynamic=True) for layer in self.layers]
+            # Each layer is its own graph, so skipping a layer never changes a graph;
+            # dynamic shapes avoid a recompilation for every new length.
+            self.layers = [torch.compile(layer, dynamic=True, backend=compile_backend) for layer in self.layers]
         logger.info(
             f"WavLM from {source}: {self.num_layers} layers, hidden {self.output_size}, "
             f"layerdrop={self.model.config.layerdrop} ({layerdrop_mode}), freeze={freeze}, "

@@ -124,3 +124,26 @@ def nonfinite_on_one_rank(patience):
     except ValueError as error:
         return {"decisions": decisions, "error": str(error)}
     return {"decisions": decisions, "error": None}
+
+
+class _DropPattern:
+    """Stands in for the wrapper in the cross-rank check."""
+
+    layerdrop_mode = "synced"
+
+    def __init__(self, last_drop):
+        self.last_drop = last_drop
+
+
+def sync_check(differ):
+    """Run the synced-drop check with equal patterns, or with rank 1 differing."""
+    from train import check_layerdrop_in_sync
+
+    drop = [False, True, False, True]
+    if differ and dist.get_rank() == 1:
+        drop = [False, False, True, True]
+    try:
+        check_layerdrop_in_sync(_DropPattern(drop))
+    except RuntimeError as error:
+        return str(error)
+    return None

@@ -39,6 +39,7 @@ def test_demo_trains_on_two_gloo_processes_with_layerdrop_and_writes_a_wer_file(
     log = assert_trained(result, out)
     assert "rank 0 of world size 2" in log and "rank 1 of world size 2" in log
     assert "find_unused_parameters=True set automatically" in log
+    assert "DDP wraps the encoder with find_unused_parameters=True; training precision fp32" in log
     assert "steps each layer was dropped" in log
 
 
@@ -52,12 +53,17 @@ def test_layerdrop_with_find_unused_parameters_false_stops_before_step_1_with_on
 
 
 @pytest.mark.parametrize(
-    "args",
-    [["--layerdrop=0.0", "--find_unused_parameters=False"], ["--layerdrop=0.5", "--layerdrop_mode=independent"]],
-    ids=["layerdrop0-no-find-unused", "independent"],
+    "args,ddp_line",
+    [
+        (["--layerdrop=0.0", "--find_unused_parameters=False"], "find_unused_parameters=False; training precision fp32"),
+        (["--layerdrop=0.5", "--layerdrop_mode=independent", "--precision=bf16"],
+         "find_unused_parameters=True; training precision bf16"),
+    ],
+    ids=["layerdrop0-no-find-unused", "independent-bf16"],
 )
-def test_other_supported_configurations_train_and_exit_0(tmp_path, args):
-    assert_trained(*launch(tmp_path, *args))
+def test_other_supported_configurations_train_and_exit_0(tmp_path, args, ddp_line):
+    log = assert_trained(*launch(tmp_path, *args))
+    assert f"DDP wraps the encoder with {ddp_line}" in log
 
 
 def test_two_nodes_of_one_process_train_as_one_job_of_world_size_2(tmp_path):

@@ -66,3 +66,9 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tiny_wavlm_dir, tmp_pat
     assert [h["drop"] for h in single["history"]] == [h["drop"] for h in ranks[0]["history"]]
     for name, value in single["params"].items():
         torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_cross_rank_check_passes_on_equal_drops_and_stops_on_a_mismatch(tmp_path):
+    assert spawn("sync_check", tmp_path / "same", differ=False) == [None, None]
+    for error in spawn("sync_check", tmp_path / "differ", differ=True):
+        assert "ranks dropped different layers" in error and "--layerdrop_mode" in error

@@ -144,3 +144,20 @@ def test_sdpa_path_matches_stock_hf_outputs_and_gradients(tiny_wavlm_dir, length
             assert p_fast.grad is None, name
             continue
         torch.testing.assert_close(p_fast.grad, p_stock.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_compiled_layers_match_eager_and_do_not_recompile_for_drop_patterns(tiny_wavlm_dir):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    overrides = dict(layerdrop=0.5, apply_spec_augment=False, freeze="none", **NO_DROPOUT)
+    compiled = WavLM(str(tiny_wavlm_dir), compile_layers=True, compile_backend="aot_eager", **overrides).train()
+    eager = WavLM(str(tiny_wavlm_dir), **overrides).train()
+    patterns = set()
+    for step, lengths in enumerate([[8000, 6000], [9600, 9600, 4000], [7000], [8000, 5000], [6400, 6400]] * 2):
+        wav, lens = batch(lengths, seed=step)
+        torch.testing.assert_close(compiled(wav, lens, step=step), eager(wav, lens, step=step), rtol=1e-4, atol=1e-5)
+        patterns.add(tuple(compiled.last_drop))
+    assert len(patterns) >= 3  # several drop patterns were seen
+    # one graph for layer 0 (it builds the position bias) and one shared by the others
+    # at most, whatever the pattern and the length
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2 * len(compiled.layers)
