@@ -118,16 +118,26 @@ def explain_reduction_error(error):
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
+LAYERDROP_MODES = ("synced", "independent")
+
+
+def check_choice(key, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}: set --{key} to one of them")
+
+
+def check_layerdrop(layerdrop):
+    if not isinstance(layerdrop, (int, float)) or not 0.0 <= layerdrop < 1.0:
+        raise ConfigError(f"layerdrop={layerdrop} is outside [0, 1): set --layerdrop to a probability "
+                          "such as 0.1 (0.0 disables LayerDrop)")
+
+
 def check_hparams(hparams, precision, device):
     """Checks of the YAML values (after command-line overrides), before anything
     is built or written."""
     layerdrop = hparams["layerdrop"]
-    if not isinstance(layerdrop, (int, float)) or not 0.0 <= layerdrop < 1.0:
-        raise ConfigError(f"layerdrop={layerdrop} is outside [0, 1): set --layerdrop to a probability "
-                          "such as 0.1 (0.0 disables LayerDrop)")
-    mode = hparams["layerdrop_mode"]
-    if mode not in ("synced", "independent"):
-        raise ConfigError(f"layerdrop_mode={mode} is not synced or independent: set --layerdrop_mode=synced")
+    check_layerdrop(layerdrop)
+    check_choice("layerdrop_mode", hparams["layerdrop_mode"], LAYERDROP_MODES)
     if precision not in PRECISIONS:
         raise ConfigError(f"precision={precision} is unknown: set --precision to one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and not str(device).startswith("cuda"):

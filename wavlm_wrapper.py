@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import WavLMConfig, WavLMModel
 
+from preflight import LAYERDROP_MODES, check_choice, check_layerdrop
+
 logger = logging.getLogger(__name__)
 
-LAYERDROP_MODES = ("synced", "independent")
 FREEZE_CHOICES = ("none", "cnn", "all")
 ATTENTION_CHOICES = ("sdpa", "eager")
 
@@ -159,14 +160,10 @@ class WavLM(nn.Module):
         normalize_wav=True,
     ):
         super().__init__()
-        _check_choice("layerdrop_mode", layerdrop_mode, LAYERDROP_MODES)
-        _check_choice("freeze", freeze, FREEZE_CHOICES)
-        _check_choice("attention", attention, ATTENTION_CHOICES)
-        if not 0.0 <= layerdrop < 1.0:
-            raise ValueError(
-                f"layerdrop={layerdrop} is outside [0, 1): set --layerdrop to a probability "
-                "such as 0.1 (0.0 disables LayerDrop)"
-            )
+        check_choice("layerdrop_mode", layerdrop_mode, LAYERDROP_MODES)
+        check_choice("freeze", freeze, FREEZE_CHOICES)
+        check_choice("attention", attention, ATTENTION_CHOICES)
+        check_layerdrop(layerdrop)
         if init_config is not None:
             make_local_checkpoint(source, init_config, init_seed)
         overrides = dict(
@@ -333,8 +330,3 @@ def _normalize(wav, sample_mask):
     mean = (wav * mask).sum(dim=1, keepdim=True) / count
     var = (((wav - mean) * mask) ** 2).sum(dim=1, keepdim=True) / count
     return (wav - mean) / torch.sqrt(var + 1e-5) * mask
-
-
-def _check_choice(key, value, choices):
-    if value not in choices:
-        raise ValueError(f"{key}={value!r} is not one of {choices}: set --{key} to one of them")

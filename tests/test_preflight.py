@@ -1,7 +1,6 @@
 """The checks that run before step 1: each fires with a one-line message naming the fix."""
 
 import pytest
-import torch
 
 from preflight import (
     REDUCTION_ERROR,
