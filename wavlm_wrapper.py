@@ -67,13 +67,25 @@ def layerdrop_schedule(step, num_layers, layerdrop, seed, rank=0):
     return drop
 
 
-def _sdpa_self_attention(self, hidden_states, attention_mask, gated_position_bias):
-    """Drop-in for `WavLMAttention.torch_multi_head_self_attention` that calls
-    `scaled_dot_product_attention`: the same maths (scale, additive gated position
-    bias, key padding, attention dropout) without materialising the probabilities.
+def _sdpa_attention_forward(self, hidden_states, attention_mask=None, position_bias=None, **kwargs):
+    """Drop-in for `WavLMAttention.forward`: the same maths (gated relative position
+    bias, scale, key padding, attention dropout) through `scaled_dot_product_attention`.
+
+    Unlike HF's, it never materialises the (batch x heads, T, T) attention
+    probabilities in fp32 for backward (HF hard-codes `need_weights=True`), and it
+    keeps the shared position bias as one (1, heads, T, T) tensor instead of a copy
+    per utterance. Every layer of the model must use it (they pass that bias on).
     """
     batch, time, embed = hidden_states.shape
     heads, head_dim = self.num_heads, self.head_dim
+    if position_bias is None:  # the first layer computes the bias for all
+        position_bias = self.compute_bias(time, time).unsqueeze(0)
+
+    # The gate of the relative position bias, per utterance, head and query (as HF).
+    per_head = hidden_states.view(batch, time, heads, head_dim).transpose(1, 2)
+    projected = self.gru_rel_pos_linear(per_head).view(batch, heads, time, 2, 4).sum(-1)
+    gate_a, gate_b = torch.sigmoid(projected).chunk(2, dim=-1)
+    gate = gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0
 
     def split_heads(x):
         return x.view(batch, time, heads, head_dim).transpose(1, 2)
@@ -81,7 +93,7 @@ def _sdpa_self_attention(self, hidden_states, attention_mask, gated_position_bia
     query = split_heads(self.q_proj(hidden_states))
     key = split_heads(self.k_proj(hidden_states))
     value = split_heads(self.v_proj(hidden_states))
-    bias = gated_position_bias.view(batch, heads, time, time).to(query.dtype)
+    bias = (gate * position_bias).to(query.dtype)
     if attention_mask is not None:
         padded_keys = ~attention_mask.bool()[:, None, None, :]
         bias = bias.masked_fill(padded_keys, float("-inf"))
@@ -93,7 +105,7 @@ def _sdpa_self_attention(self, hidden_states, attention_mask, gated_position_bia
         dropout_p=self.dropout if self.training else 0.0,
     )
     attended = attended.transpose(1, 2).reshape(batch, time, embed)
-    return self.out_proj(attended), None
+    return self.out_proj(attended), None, position_bias
 
 
 class WavLM(nn.Module):
@@ -199,7 +211,7 @@ class WavLM(nn.Module):
         if attention == "sdpa":
             for layer in self.model.encoder.layers:
                 attn = layer.attention
-                attn.torch_multi_head_self_attention = types.MethodType(_sdpa_self_attention, attn)
+                attn.forward = types.MethodType(_sdpa_attention_forward, attn)
         self.layers = list(self.model.encoder.layers)
         if compile_layers:
             # Each layer is its own graph, so skipping a layer never changes a graph;

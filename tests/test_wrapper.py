@@ -161,3 +161,28 @@ def test_compiled_layers_match_eager_and_do_not_recompile_for_drop_patterns(tiny
     # one graph for layer 0 (it builds the position bias) and one shared by the others
     # at most, whatever the pattern and the length
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2 * len(compiled.layers)
+
+
+def test_the_sdpa_path_replaces_hfs_eager_attention_in_every_layer(tiny_wavlm_dir, monkeypatch):
+    import wavlm_wrapper
+    from transformers.models.wavlm import modeling_wavlm
+
+    calls = {"sdpa": 0, "eager": 0}
+    sdpa = wavlm_wrapper.F.scaled_dot_product_attention
+    eager = modeling_wavlm.WavLMAttention.torch_multi_head_self_attention
+
+    def count_sdpa(*args, **kwargs):
+        calls["sdpa"] += 1
+        return sdpa(*args, **kwargs)
+
+    def count_eager(*args, **kwargs):
+        calls["eager"] += 1
+        return eager(*args, **kwargs)
+
+    monkeypatch.setattr(wavlm_wrapper.F, "scaled_dot_product_attention", count_sdpa)
+    monkeypatch.setattr(modeling_wavlm.WavLMAttention, "torch_multi_head_self_attention", count_eager)
+    fast = WavLM(str(tiny_wavlm_dir), attention="sdpa").eval()
+    fast(*batch([8000, 6000]))
+    assert calls == {"sdpa": fast.num_layers, "eager": 0}
+    WavLM(str(tiny_wavlm_dir), attention="eager").eval()(*batch([8000, 6000]))
+    assert calls == {"sdpa": fast.num_layers, "eager": fast.num_layers}
