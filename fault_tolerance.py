@@ -53,6 +53,13 @@ class SafeCheckpointer(Checkpointer):
         return removed
 
 
+def collective_device():
+    """Where a small tensor must live for a collective: CUDA for nccl, else CPU."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return "cuda"
+    return "cpu"
+
+
 class NonFiniteGuard:
     """Decide, the same way on every rank, whether a step's loss is usable.
 
@@ -68,10 +75,8 @@ class NonFiniteGuard:
         self.consecutive = 0
 
     def step_is_finite(self, loss):
-        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device)
+        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=collective_device())
         if torch.distributed.is_initialized():
-            if torch.distributed.get_backend() == "gloo":
-                bad = bad.cpu()
             torch.distributed.all_reduce(bad)
         if bad.item() == 0:
             self.consecutive = 0

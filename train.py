@@ -28,7 +28,7 @@ import torchaudio
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main
 
-from fault_tolerance import NonFiniteGuard, init_distributed
+from fault_tolerance import NonFiniteGuard, collective_device, init_distributed
 from preflight import (
     ConfigError,
     check_hparams,
@@ -287,9 +287,8 @@ def check_layerdrop_in_sync(wavlm):
     last drop pattern across ranks with two tiny all-reduces."""
     if wavlm.layerdrop_mode != "synced" or not torch.distributed.is_initialized():
         return
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
     code = sum(1 << i for i, d in enumerate(wavlm.last_drop) if d)
-    low = torch.tensor([code], dtype=torch.int64, device=device)
+    low = torch.tensor([code], dtype=torch.int64, device=collective_device())
     high = low.clone()
     torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
     torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
