@@ -116,8 +116,6 @@ def explain_reduction_error(error):
 
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-
-
 LAYERDROP_MODES = ("synced", "independent")
 
 

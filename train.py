@@ -20,7 +20,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-
 import soundfile as sf
 import speechbrain as sb
 import torch

@@ -81,14 +81,13 @@ def _sdpa_attention_forward(self, hidden_states, attention_mask=None, position_b
     if position_bias is None:  # the first layer computes the bias for all
         position_bias = self.compute_bias(time, time).unsqueeze(0)
 
-    # The gate of the relative position bias, per utterance, head and query (as HF).
-    per_head = hidden_states.view(batch, time, heads, head_dim).transpose(1, 2)
-    projected = self.gru_rel_pos_linear(per_head).view(batch, heads, time, 2, 4).sum(-1)
-    gate_a, gate_b = torch.sigmoid(projected).chunk(2, dim=-1)
-    gate = gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0
-
     def split_heads(x):
         return x.view(batch, time, heads, head_dim).transpose(1, 2)
+
+    # The gate of the relative position bias, per utterance, head and query (as HF).
+    projected = self.gru_rel_pos_linear(split_heads(hidden_states)).view(batch, heads, time, 2, 4).sum(-1)
+    gate_a, gate_b = torch.sigmoid(projected).chunk(2, dim=-1)
+    gate = gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0
 
     query = split_heads(self.q_proj(hidden_states))
     key = split_heads(self.k_proj(hidden_states))
