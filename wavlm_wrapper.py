@@ -67,19 +67,38 @@ def layerdrop_schedule(step, num_layers, layerdrop, seed, rank=0):
     return drop
 
 
+def relative_position_bias(attention, time):
+    """WavLM's relative position bias for `time` frames, as one (heads, T, T) tensor.
+
+    Equal to HF's `compute_bias(time, time)`, built another way: the bias of (query q,
+    key k) depends on k - q only, so the bucket table is looked up for the 2T - 1
+    relative positions and the (T, T) matrix is a strided view of that row (a
+    Toeplitz matrix). HF looks the table up for all T^2 pairs, and the backward of
+    that lookup adds T^2 x heads gradients into 320 x heads entries: on a GPU that
+    scatter alone costs tens of milliseconds per step. Here the backward sums each
+    diagonal (the unfold's backward) and scatters only 2T - 1 rows.
+    """
+    device = attention.rel_attn_embed.weight.device
+    relative = torch.arange(1 - time, time, device=device)  # k - q for every diagonal
+    values = attention.rel_attn_embed(attention._relative_positions_bucket(relative))  # (2T-1, heads)
+    # windows[h, i, j] = values[i + j, h]; query q is the window that starts at T-1-q.
+    windows = values.t().contiguous().unfold(1, time, 1)
+    return windows.flip(1)  # flip copies into a contiguous (heads, T, T)
+
+
 def _sdpa_attention_forward(self, hidden_states, attention_mask=None, position_bias=None, **kwargs):
     """Drop-in for `WavLMAttention.forward`: the same maths (gated relative position
     bias, scale, key padding, attention dropout) through `scaled_dot_product_attention`.
 
     Unlike HF's, it never materialises the (batch x heads, T, T) attention
     probabilities in fp32 for backward (HF hard-codes `need_weights=True`), and it
-    keeps the shared position bias as one (1, heads, T, T) tensor instead of a copy
+    keeps the shared position bias as one (heads, T, T) tensor instead of a copy
     per utterance. Every layer of the model must use it (they pass that bias on).
     """
     batch, time, embed = hidden_states.shape
     heads, head_dim = self.num_heads, self.head_dim
-    if position_bias is None:  # the first layer computes the bias for all
-        position_bias = self.compute_bias(time, time).unsqueeze(0)
+    if position_bias is None:  # called alone: only the first layer has the table
+        position_bias = relative_position_bias(self, time)
 
     def split_heads(x):
         return x.view(batch, time, heads, head_dim).transpose(1, 2)
@@ -197,6 +216,7 @@ class WavLM(nn.Module):
         self.layerdrop_mode = layerdrop_mode
         self.layerdrop_seed = layerdrop_seed
         self.freeze = freeze
+        self.attention = attention
         self.normalize_wav = normalize_wav
         self.output_size = self.model.config.hidden_size
         self.num_layers = self.model.config.num_hidden_layers
@@ -212,6 +232,7 @@ class WavLM(nn.Module):
                 attn = layer.attention
                 attn.forward = types.MethodType(_sdpa_attention_forward, attn)
         self.layers = list(self.model.encoder.layers)
+        self.compiled = compile_layers
         if compile_layers:
             # Each layer is its own graph, so skipping a layer never changes a graph;
             # dynamic shapes avoid a recompilation for every new length.
@@ -321,7 +342,15 @@ class WavLM(nn.Module):
         drop = [False] * self.num_layers
         if self.training and self.layerdrop > 0.0:
             drop = self.draw_layerdrop(step)
+        # The SDPA path builds the position bias here, once, so that every layer
+        # (the first too) runs the same code: with compile_layers, one graph for all.
         position_bias = None
+        if self.attention == "sdpa":
+            position_bias = relative_position_bias(encoder.layers[0].attention, hidden.shape[1])
+            if self.compiled:
+                # The head count is fixed: a size symbol shared with an equal batch
+                # size would make the graph recompile when the batch size changes.
+                torch._dynamo.mark_static(position_bias, 0)
         for layer, skip in zip(self.layers, drop):
             if not skip:
                 hidden, position_bias = layer(

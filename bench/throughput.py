@@ -123,9 +123,8 @@ def measure(variant, folder, args, device, dtype):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
+
+    def run_step():
         with autocast:
             logits = net(wav, lens)
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)
@@ -137,9 +136,19 @@ def measure(variant, folder, args, device, dtype):
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+    times = []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        run_step()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
+    if args.profile:
+        args.profile.parent.mkdir(parents=True, exist_ok=True)
+        with args.profile.open("a") as f:
+            f.write(f"## {variant}: one training step, batch {args.batch} x {args.seconds} s, {args.precision}\n"
+                    f"{profile_step(run_step, device)}\n\n")
     config = args.config
     flops = training_flops(config, args.batch, samples, args.train_cnn)
     peak = PEAK_FLOPS.get(device_kind(device)) if device.type == "cuda" else None
@@ -153,6 +162,17 @@ def measure(variant, folder, args, device, dtype):
     }
     del model, net, opt
     return result
+
+
+def profile_step(run_step, device):
+    """The torch.profiler table of one step: the top operators and kernels by self time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run_step()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
 
 
 def device_kind(device):
@@ -174,6 +194,10 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a toy model: CPU smoke mode")
     parser.add_argument("--out", type=Path, default=Path("results/bench/throughput.json"))
+    parser.add_argument("--model_dir", type=Path, default=None,
+                        help="where the random-init model is saved once and reused (default: a temporary folder)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="append a torch.profiler table of one step of each variant to this file")
     args = parser.parse_args(argv)
     args.config = TINY if args.tiny else WAVLM_LARGE
     return args
@@ -189,7 +213,7 @@ def main(argv=None):
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, rank=0, world_size=1)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_local_checkpoint(Path(tmp) / "wavlm", args.config, seed=0)
+        folder = make_local_checkpoint(args.model_dir or Path(tmp) / "wavlm", args.config, seed=0)
         results = [measure(v, str(folder), args, device, dtype) for v in args.variants.split(",")]
     stock = next((r for r in results if r["variant"] == "stock"), None)
     for r in results:
