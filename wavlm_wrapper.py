@@ -8,6 +8,7 @@ without computing them, and compile each layer once whatever the drop pattern.
 """
 
 import logging
+import math
 import os
 import tempfile
 import types
@@ -25,6 +26,10 @@ from preflight import LAYERDROP_MODES, check_choice, check_layerdrop
 logger = logging.getLogger(__name__)
 
 FREEZE_CHOICES = ("none", "cnn", "all")
+# Compiled layers keep one graph per padded length; the recompile limit allows
+# lengths up to this many seconds (WavLM's CNN gives 50 frames per second).
+MAX_COMPILED_SECONDS = 60
+FRAMES_PER_SECOND = 50
 ATTENTION_CHOICES = ("sdpa", "eager")
 
 
@@ -158,9 +163,13 @@ class WavLM(nn.Module):
     attention : str
         ``sdpa`` (memory-efficient, the default) or ``eager`` (HF's own).
     compile_layers : bool
-        ``torch.compile`` each encoder layer (one graph per layer, whatever is dropped).
+        ``torch.compile`` each encoder layer (the layers share one graph per padded
+        length, whatever is dropped).
     compile_backend : str
         The ``torch.compile`` backend (``inductor``; ``aot_eager`` to debug).
+    pad_frames_to : int
+        Pad the encoder's frame axis to a multiple of this (masked frames, cut off
+        again at the end): 64 gives compiled layers few lengths to specialise on.
     normalize_wav : bool
         Zero-mean unit-variance normalisation of each waveform over its real samples.
     """
@@ -187,6 +196,7 @@ class WavLM(nn.Module):
         attention="sdpa",
         compile_layers=False,
         compile_backend="inductor",
+        pad_frames_to=1,
         normalize_wav=True,
     ):
         super().__init__()
@@ -233,10 +243,14 @@ class WavLM(nn.Module):
                 attn.forward = types.MethodType(_sdpa_attention_forward, attn)
         self.layers = list(self.model.encoder.layers)
         self.compiled = compile_layers
+        self.pad_frames_to = pad_frames_to
         if compile_layers:
-            # Each layer is its own graph, so skipping a layer never changes a graph;
-            # dynamic shapes avoid a recompilation for every new length.
-            self.layers = [torch.compile(layer, dynamic=True, backend=compile_backend) for layer in self.layers]
+            # Each layer is its own call, so skipping a layer never changes a graph; the
+            # layers share their code, hence their graphs: one per padded length
+            # (see _mark_shapes), which the recompile limit must allow.
+            limit = math.ceil(MAX_COMPILED_SECONDS * FRAMES_PER_SECOND / pad_frames_to) + 2
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+            self.layers = [torch.compile(layer, backend=compile_backend) for layer in self.layers]
         logger.info(
             f"WavLM from {source}: {self.num_layers} layers, hidden {self.output_size}, "
             f"layerdrop={self.model.config.layerdrop} ({layerdrop_mode}), freeze={freeze}, "
@@ -339,6 +353,8 @@ class WavLM(nn.Module):
             hidden = encoder.layer_norm(hidden)
         hidden = encoder.dropout(hidden)
 
+        frames = hidden.shape[1]
+        hidden, frame_mask = self._pad_frames(hidden, frame_mask)
         drop = [False] * self.num_layers
         if self.training and self.layerdrop > 0.0:
             drop = self.draw_layerdrop(step)
@@ -347,18 +363,46 @@ class WavLM(nn.Module):
         position_bias = None
         if self.attention == "sdpa":
             position_bias = relative_position_bias(encoder.layers[0].attention, hidden.shape[1])
-            if self.compiled:
-                # The head count is fixed: a size symbol shared with an equal batch
-                # size would make the graph recompile when the batch size changes.
-                torch._dynamo.mark_static(position_bias, 0)
         for layer, skip in zip(self.layers, drop):
             if not skip:
+                if self.compiled:
+                    _mark_shapes(hidden, frame_mask, position_bias)
                 hidden, position_bias = layer(
                     hidden, attention_mask=frame_mask, position_bias=position_bias
                 )
+        hidden = hidden[:, :frames]
         if stable:
             hidden = encoder.layer_norm(hidden)
         return hidden
+
+    def _pad_frames(self, hidden, frame_mask):
+        """Pad the frame axis to a multiple of `pad_frames_to` with masked frames.
+
+        The padded keys are masked out of attention and the padded rows cut off after
+        the last layer, so the real frames are unchanged. Few distinct lengths let
+        compiled layers specialise on the length (static index arithmetic), and
+        aligned lengths spare SDPA a padded copy of the bias in every layer."""
+        frames = hidden.shape[1]
+        extra = -frames % self.pad_frames_to
+        if extra == 0:
+            return hidden, frame_mask
+        if frame_mask is None:
+            frame_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        return F.pad(hidden, (0, 0, 0, extra)), F.pad(frame_mask, (0, extra), value=False)
+
+
+def _mark_shapes(hidden, frame_mask, position_bias):
+    """Tell torch.compile which sizes vary: the batch does (one graph for every
+    batch size), the padded length does not (one graph per length, with static
+    index arithmetic; a symbolic length made the fused bias kernels several times
+    slower on an H200). Sizes of 1 are specialised by PyTorch anyway."""
+    for tensor in (hidden, frame_mask):
+        if tensor is not None:
+            if tensor.shape[0] > 1:
+                torch._dynamo.mark_dynamic(tensor, 0)
+            torch._dynamo.mark_static(tensor, 1)
+    if position_bias is not None:
+        torch._dynamo.mark_static(position_bias)
 
 
 def _normalize(wav, sample_mask):

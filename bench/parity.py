@@ -19,7 +19,7 @@ import torch
 from transformers import WavLMModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from throughput import TINY, WAVLM_LARGE  # noqa: E402
+from throughput import PAD_FRAMES_TO, TINY, WAVLM_LARGE  # noqa: E402
 from wavlm_wrapper import WavLM, make_local_checkpoint  # noqa: E402
 
 NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
@@ -48,8 +48,10 @@ def stock_forward(model, wav, lens):
 def compare(folder, device, lengths):
     torch.manual_seed(0)
     stock = WavLMModel.from_pretrained(folder, **NO_DROPOUT).to(device).train()
-    fast = WavLM(folder, freeze="none", normalize_wav=False, **NO_DROPOUT).to(device).train()
-    compiled = WavLM(folder, freeze="none", normalize_wav=False, compile_layers=True, **NO_DROPOUT).to(device).train()
+    fast = WavLM(folder, freeze="none", normalize_wav=False, pad_frames_to=PAD_FRAMES_TO, **NO_DROPOUT)
+    compiled = WavLM(folder, freeze="none", normalize_wav=False, pad_frames_to=PAD_FRAMES_TO, compile_layers=True,
+                     **NO_DROPOUT)
+    fast, compiled = fast.to(device).train(), compiled.to(device).train()
     wav, lens = padded_batch(lengths, device)
     ref, frames = stock_forward(stock, wav, lens)
     weights = torch.randn(ref.shape, device=device)

@@ -45,6 +45,7 @@ TINY = dict(WAVLM_LARGE, hidden_size=32, num_hidden_layers=2, num_attention_head
 # Dense bf16 peak (FLOP/s) for the MFU estimate; H200 as measured in shared/NOTES.md.
 PEAK_FLOPS = {"H200": 790e12, "H100": 989e12, "A100": 312e12}
 VOCAB = 32
+PAD_FRAMES_TO = 64  # as hparams/wavlm_large_ctc.yaml
 SAMPLE_RATE = 16000
 
 
@@ -91,7 +92,7 @@ class FastCTC(torch.nn.Module):
     def __init__(self, folder, layerdrop, cnn_trained, compile_layers):
         super().__init__()
         self.wavlm = WavLM(folder, layerdrop=layerdrop, freeze="none" if cnn_trained else "cnn",
-                           attention="sdpa", compile_layers=compile_layers)
+                           attention="sdpa", compile_layers=compile_layers, pad_frames_to=PAD_FRAMES_TO)
         self.head = torch.nn.Linear(self.wavlm.output_size, VOCAB)
         self.step = 0
 

@@ -122,9 +122,11 @@ def _stock_forward(stock, wav, lens):
 
 @pytest.mark.parametrize("lengths", [[8000], [8000, 8000], [9600, 7000, 4000], [16000, 3300]])
 @pytest.mark.parametrize("train", [False, True])
-def test_sdpa_path_matches_stock_hf_outputs_and_gradients(tiny_wavlm_dir, lengths, train):
+@pytest.mark.parametrize("pad_frames_to", [1, 64])
+def test_sdpa_path_matches_stock_hf_outputs_and_gradients(tiny_wavlm_dir, lengths, train, pad_frames_to):
     overrides = dict(layerdrop=0.0, apply_spec_augment=False, mask_time_prob=0.05, **NO_DROPOUT)
-    fast = WavLM(str(tiny_wavlm_dir), attention="sdpa", freeze="none", normalize_wav=False, **overrides)
+    fast = WavLM(str(tiny_wavlm_dir), attention="sdpa", freeze="none", normalize_wav=False,
+                 pad_frames_to=pad_frames_to, **overrides)
     stock = WavLMModel.from_pretrained(tiny_wavlm_dir, **overrides)
     fast.train(train)
     stock.train(train)
@@ -152,11 +154,14 @@ def test_inductor_compiled_layers_train_like_eager_without_recompiling_per_patte
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     overrides = dict(layerdrop=0.5, apply_spec_augment=False, freeze="none", **NO_DROPOUT)
-    compiled = WavLM(str(tiny_wavlm_dir), compile_layers=True, compile_backend="inductor", **overrides).train()
+    compiled = WavLM(str(tiny_wavlm_dir), compile_layers=True, compile_backend="inductor", pad_frames_to=64,
+                     **overrides).train()
     eager = WavLM(str(tiny_wavlm_dir), **overrides).train()
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (compiled, eager)]
     patterns = set()
-    for step, lengths in enumerate([[8000, 6000], [9600, 9600, 4000], [7000], [8000, 5000], [6400, 6400, 6400]]):
+    # 8000 samples are 24 frames, padded to 64; 24000 are 74, padded to 128.
+    batches = [[8000, 6000], [9600, 9600, 4000], [7000], [24000, 5000], [6400, 6400, 6400], [22000, 3000, 4000]]
+    for step, lengths in enumerate(batches):
         wav, lens = batch(lengths, seed=step)
         out_compiled, out_eager = compiled(wav, lens, step=step), eager(wav, lens, step=step)
         torch.testing.assert_close(out_compiled, out_eager, rtol=1e-4, atol=1e-5)
@@ -173,9 +178,10 @@ def test_inductor_compiled_layers_train_like_eager_without_recompiling_per_patte
             opt.zero_grad(set_to_none=True)
         patterns.add(tuple(compiled.last_drop))
     assert len(patterns) >= 3  # several drop patterns were trained
-    # Every layer runs the same graph whatever is dropped and whatever the length; the
-    # one batch of a single utterance adds a second (PyTorch specialises sizes of 1).
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    # Every layer runs the same graph whatever is dropped and whatever the batch size:
+    # one per padded length (64, 128 frames), and one for the batch of a single
+    # utterance (PyTorch specialises sizes of 1).
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
     for p_compiled, p_eager in zip(compiled.parameters(), eager.parameters()):
         torch.testing.assert_close(p_compiled, p_eager, rtol=1e-4, atol=1e-5)
 
