@@ -124,6 +124,11 @@ def check_choice(key, value, choices):
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}: set --{key} to one of them")
 
 
+def check_positive_int(key, value, example):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}={value!r} is not a positive integer: set --{key} to one, such as {example}")
+
+
 def check_layerdrop(layerdrop):
     if not isinstance(layerdrop, (int, float)) or not 0.0 <= layerdrop < 1.0:
         raise ConfigError(f"layerdrop={layerdrop} is outside [0, 1): set --layerdrop to a probability "

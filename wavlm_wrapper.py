@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import WavLMConfig, WavLMModel
 
-from preflight import LAYERDROP_MODES, check_choice, check_layerdrop
+from preflight import LAYERDROP_MODES, check_choice, check_layerdrop, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +204,7 @@ class WavLM(nn.Module):
         check_choice("freeze", freeze, FREEZE_CHOICES)
         check_choice("attention", attention, ATTENTION_CHOICES)
         check_layerdrop(layerdrop)
+        check_positive_int("pad_frames_to", pad_frames_to, 64)
         if init_config is not None:
             make_local_checkpoint(source, init_config, init_seed)
         overrides = dict(

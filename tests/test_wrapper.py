@@ -114,6 +114,12 @@ def test_unknown_choices_are_refused_naming_the_key(tiny_wavlm_dir, key, value):
         WavLM(str(tiny_wavlm_dir), **{key: value})
 
 
+@pytest.mark.parametrize("bad", [0, -64, 6.4, "64", True])
+def test_pad_frames_to_must_be_a_positive_integer_naming_the_key(tiny_wavlm_dir, bad):
+    with pytest.raises(ValueError, match=r"pad_frames_to=.*not a positive integer.*--pad_frames_to"):
+        WavLM(str(tiny_wavlm_dir), pad_frames_to=bad)
+
+
 def _stock_forward(stock, wav, lens):
     """Stock HF WavLM as SpeechBrain's HF wrapper calls it (sample-level mask)."""
     mask = (torch.arange(wav.shape[1])[None, :] < torch.round(lens * wav.shape[1])[:, None]).long()
