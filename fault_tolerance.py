@@ -1,16 +1,31 @@
 """What keeps a long run alive and its work safe: checkpoints that are never
-taken for valid when half-written, and a guard that skips non-finite steps on
-every rank at once."""
+taken for valid when half-written and that every rank agrees on, a guard that
+skips non-finite steps on every rank at once, a check that all nodes share the
+run's folders, and a watchdog that turns a hang into a restart.
 
+Rule for every collective here: each rank calls it the same number of times,
+decided from data that the main process broadcast, never from a rank's own view
+of the disk (two ranks that list a folder differently would otherwise enter
+different collectives and wait for each other until the collective timeout).
+"""
+
+import atexit
 import datetime
+import faulthandler
 import logging
 import os
 import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import torch
-from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer
-from speechbrain.utils.distributed import ddp_barrier, if_main_process
+from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer, ckpt_recency
+from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process
 
 from preflight import ConfigError
 
@@ -38,7 +53,61 @@ class SafeCheckpointer(Checkpointer):
         if if_main_process():
             (checkpoint.path / PENDING_META).rename(checkpoint.path / METAFNAME)
         ddp_barrier()
+        progress("checkpoint saved")
         return checkpoint
+
+    def find_checkpoint(self, importance_key=None, max_key=None, min_key=None, ckpt_predicate=None):
+        """The checkpoint to recover, chosen by the main process alone; every rank
+        then reads that same checkpoint (SpeechBrain lets each rank choose from its
+        own listing). Every rank must call it (recovery does)."""
+        chosen = None
+        if if_main_process():
+            found = super().find_checkpoint(importance_key, max_key, min_key, ckpt_predicate)
+            chosen = None if found is None else str(found.path)
+        chosen = ddp_broadcast(chosen)
+        if chosen is None:
+            return None
+        if not (Path(chosen) / METAFNAME).exists():
+            raise ConfigError(
+                f"rank {rank()} cannot see the checkpoint {chosen} that the main process chose: "
+                "output_folder must be on a file system shared by all nodes"
+            )
+        return self._construct_checkpoint_objects([Path(chosen)])[0]
+
+    def delete_checkpoints(self, *, num_to_keep=1, min_keys=None, max_keys=None,
+                           importance_keys=(ckpt_recency,), ckpt_predicate=None, verbosity=logging.INFO):
+        """Keep the `num_to_keep` most important checkpoints of each order and delete
+        the others, as SpeechBrain does, but decided and done by the main process
+        alone between two barriers that every rank enters, whatever it sees on disk
+        (SpeechBrain runs one collective per deletion, counted from each rank's own
+        listing: a rank that saw fewer checkpoints hung the run)."""
+        if num_to_keep < 0:
+            raise ValueError("num_to_keep must be >= 0")
+        ddp_barrier()
+        if if_main_process():
+            orders = [{"min_key": key} for key in min_keys or []]
+            orders += [{"max_key": key} for key in max_keys or []]
+            orders += [{"importance_key": key} for key in importance_keys]
+            candidates, keep = set(), set()
+            for order in orders:
+                ranked = self.find_checkpoints(ckpt_predicate=ckpt_predicate, **order)
+                candidates.update(ranked)
+                keep.update(ranked[:num_to_keep])
+            for checkpoint in sorted(candidates - keep, key=lambda c: str(c.path)):
+                shutil.rmtree(checkpoint.path)
+                logger.log(verbosity, f"Deleted checkpoint in {checkpoint.path}")
+        ddp_barrier()
+
+    def use_shared_temporary_folder(self, parent):
+        """Debug mode: one temporary checkpoint folder under `parent` for every rank
+        (SpeechBrain gives each rank its own, so ranks saw different checkpoints);
+        removed when the main process exits."""
+        folder = None
+        if if_main_process():
+            folder = tempfile.mkdtemp(dir=parent, prefix="debug-checkpoints-")
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        self.checkpoints_dir = Path(ddp_broadcast(folder))
+        logger.info(f"Debug mode: every rank checkpoints into {self.checkpoints_dir}")
 
     def remove_interrupted_saves(self):
         """Delete checkpoint folders that an interrupted save left without CKPT.yaml."""
@@ -111,3 +180,97 @@ def init_distributed(backend, timeout_s):
     store = torch.distributed.PrefixStore(f"attempt_{attempt}/", store)
     torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return True
+
+
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def check_shared_folders(output_folder, data_folder):
+    """Every rank proves that it sees the main process's `output_folder` and
+    `data_folder` before anything is written: the main process writes a token into
+    the output folder (removed again) and lists the data folder; every rank looks
+    for both. A rank on a node without a shared file system fails here, with one
+    line, instead of later on a missing tokenizer or checkpoint."""
+    if not torch.distributed.is_initialized():
+        return
+    token, listing, created = None, None, False
+    if if_main_process():
+        out = Path(output_folder)
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        token = f".shared-folder-check-{uuid.uuid4().hex}"
+        (out / token).write_text(socket.gethostname())
+        listing = sorted(os.listdir(data_folder))[:20]
+    token, listing = ddp_broadcast((token, listing))
+    sees_output = (Path(output_folder) / token).exists()
+    sees_data = Path(data_folder).is_dir() and all((Path(data_folder) / name).exists() for name in listing)
+    views = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(views, (socket.gethostname(), sees_output, sees_data))
+    if if_main_process():
+        (Path(output_folder) / token).unlink()
+        if created:
+            Path(output_folder).rmdir()
+    blind = [f"rank {r} on {host}" for r, (host, out_ok, data_ok) in enumerate(views) if not (out_ok and data_ok)]
+    if blind:
+        raise ConfigError(
+            f"{', '.join(blind)} cannot see the output_folder={output_folder} and data_folder={data_folder} "
+            f"of rank 0 on {views[0][0]}: multi-node training needs both on a file system shared by all "
+            "nodes (NFS, Lustre, ...): set --output_folder and --data_folder to such paths"
+        )
+
+
+WATCHDOG_EXIT_CODE = 3
+_watchdog = None
+
+
+def progress(what):
+    """Tell the watchdog (if one is armed) that this rank made progress."""
+    if _watchdog is not None:
+        _watchdog.progress(what)
+
+
+class Watchdog:
+    """Ends a rank that made no progress for `timeout_minutes`.
+
+    A hung rank (a peer frozen or gone without closing its sockets, a deadlocked
+    collective, a stuck file system) would otherwise wait until the collective
+    timeout, hours later. The watchdog thread wakes every few seconds; once the
+    last call of `progress` is older than the timeout, it prints one line naming
+    the rank and what it did last, the Python stacks of all its threads, and exits
+    with status 3, so torchrun ends the group and `--max-restarts` restarts it from
+    the last checkpoint. Collective waits release the GIL, so the thread runs.
+    """
+
+    def __init__(self, timeout_minutes):
+        self.timeout_s = timeout_minutes * 60.0
+        self.last, self.what = time.monotonic(), "start of training"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+
+    def progress(self, what):
+        self.last, self.what = time.monotonic(), what
+
+    def start(self):
+        global _watchdog
+        _watchdog = self
+        self._thread.start()
+        return self
+
+    def stop(self):
+        global _watchdog
+        _watchdog = None
+        self._stop.set()
+
+    def _watch(self):
+        while not self._stop.wait(min(10.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self.last
+            if idle > self.timeout_s:
+                sys.stderr.write(
+                    f"watchdog: rank {rank()} on {socket.gethostname()} made no progress for {idle / 60:.1f} min "
+                    f"(hang_timeout_minutes={self.timeout_s / 60:g}; last progress: {self.what}); the stacks of "
+                    "all its threads follow, then it exits so that torchrun can restart from the last checkpoint\n"
+                )
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                sys.stderr.flush()
+                os._exit(WATCHDOG_EXIT_CODE)

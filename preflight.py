@@ -155,6 +155,10 @@ def check_hparams(hparams, precision, device):
         except ImportError:
             raise ConfigError("use_tensorboard=True needs the tensorboard package: pip install tensorboard, "
                               "or set --use_tensorboard=False") from None
+    hang = hparams.get("hang_timeout_minutes")
+    if isinstance(hang, bool) or not isinstance(hang, (int, float)) or hang < 0:
+        raise ConfigError(f"hang_timeout_minutes={hang!r} is not a number of minutes >= 0: set "
+                          "--hang_timeout_minutes=30 (0 turns the watchdog off)")
     check_sharded_backend(layerdrop)
 
 

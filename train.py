@@ -27,7 +27,14 @@ import torchaudio
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main
 
-from fault_tolerance import NonFiniteGuard, collective_device, init_distributed
+from fault_tolerance import (
+    NonFiniteGuard,
+    Watchdog,
+    check_shared_folders,
+    collective_device,
+    init_distributed,
+    progress,
+)
 from preflight import (
     ConfigError,
     check_hparams,
@@ -85,6 +92,7 @@ class ASR(sb.Brain):
             log_probs.float(), tokens, wav_lens, token_lens, self.hparams.blank_index
         )
         if stage != sb.Stage.TRAIN:
+            progress(f"{stage.name.lower()} batch")
             self.eval_loss_sum += loss.item() * len(batch.id)
             self.eval_count += len(batch.id)
             hyps = sb.decoders.ctc_greedy_decode(log_probs, wav_lens, blank_id=self.hparams.blank_index)
@@ -138,6 +146,8 @@ class ASR(sb.Brain):
                 group["lr"] = lr
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        progress(f"training step {self.optimizer_step}, batch {self.step} of epoch "
+                 f"{self.hparams.epoch_counter.current}")
         wavs, wav_lens = batch.sig
         self.audio_seconds += float(wav_lens.sum()) * wavs.shape[1] / self.hparams.sample_rate
         interval = self.hparams.layerdrop_check_interval
@@ -380,7 +390,17 @@ def prepare_output_folder(hparams, hparams_file, overrides, flags, test_only):
     with open(hparams_file) as f:
         new_config = resolve_references(f, overrides).getvalue()
     if not test_only:
-        decision = check_output_folder(hparams["output_folder"], new_config, flags["resume"], flags["overwrite"])
+        # Decided on the main process, so that every rank acts alike whatever it reads.
+        decision = error = None
+        if if_main_process():
+            try:
+                decision = check_output_folder(hparams["output_folder"], new_config, flags["resume"],
+                                               flags["overwrite"])
+            except ConfigError as refused:
+                error = str(refused)
+        decision, error = ddp_broadcast((decision, error))
+        if error:
+            raise ConfigError(error)
         if decision == "overwrite" and if_main_process():
             shutil.rmtree(hparams["output_folder"])
             logger.warning(f"--overwrite=True: deleted {hparams['output_folder']}")
@@ -403,6 +423,7 @@ def main(argv):
     precision = run_opts.precision if "precision" in run_opts.overridden_args else hparams.get("precision", "fp32")
     device = run_opts.device or sb.utils.distributed.infer_device()
     check_hparams(hparams, precision, device)
+    check_shared_folders(hparams["output_folder"], hparams["data_folder"])
     if flags["find_unused_parameters"] is None and hparams.get("find_unused_parameters") is not None:
         flags["find_unused_parameters"] = bool(hparams["find_unused_parameters"])
 
@@ -441,12 +462,15 @@ def main(argv):
         checkpointer=checkpointer,
     )
     asr.tokenizer = tokenizer
+    if asr.debug and not asr.debug_persistently and distributed:
+        checkpointer.use_shared_temporary_folder(hparams["output_folder"])
     train_loader = asr.make_dataloader(
         datasets["train"], stage=sb.Stage.TRAIN, **train_loader_kwargs(hparams, datasets["train"])
     )
     steps_per_epoch = math.ceil(len(train_loader) / asr.grad_accumulation_factor)
     asr.total_steps = steps_per_epoch * hparams["number_of_epochs"]
     logger.info(f"{len(train_loader)} training batches per epoch and rank, {asr.total_steps} optimizer steps in all")
+    watchdog = Watchdog(hparams["hang_timeout_minutes"]).start() if hparams["hang_timeout_minutes"] > 0 else None
     try:
         asr.fit(
             hparams["epoch_counter"],
@@ -454,11 +478,14 @@ def main(argv):
             datasets["valid"],
             valid_loader_kwargs=hparams["valid_dataloader_opts"],
         )
+        asr.evaluate(
+            datasets["test"], min_key="WER", test_loader_kwargs=hparams["valid_dataloader_opts"]
+        )
     except RuntimeError as error:
         raise explain_reduction_error(error) from error
-    asr.evaluate(
-        datasets["test"], min_key="WER", test_loader_kwargs=hparams["valid_dataloader_opts"]
-    )
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
     return asr
 
 

@@ -1,8 +1,10 @@
 """Run small training scenarios on N gloo processes (torch.multiprocessing.spawn)
 and hand each rank's results back to the test through a file."""
 
+import datetime
 import os
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -88,8 +90,11 @@ def stock_hf_with_layerdrop(model_dir, layerdrop, steps=3):
 
 def _entry(rank, world, init_file, out_dir, fn_name, kwargs):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))  # SpeechBrain reads the rank from these
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A short collective timeout turns a hang (ranks in different collectives) into a failure.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         result = globals()[fn_name](**kwargs)
     except Exception:  # hand the traceback to the test instead of a bare exit code
@@ -147,3 +152,25 @@ def sync_check(differ):
     except RuntimeError as error:
         return str(error)
     return None
+
+
+def checkpoints_seen_differently(base):
+    """Each rank checkpoints through its own folder: save five epochs keeping the
+    best WER and the latest, then recover the best."""
+    from fault_tolerance import SafeCheckpointer
+
+    value = torch.nn.Parameter(torch.zeros(1))
+    holder = torch.nn.Module()
+    holder.value = value
+    own = Path(base) / f"rank{dist.get_rank()}"
+    own.mkdir(exist_ok=True)
+    checkpointer = SafeCheckpointer(own, recoverables={"holder": holder})
+    main_folder = Path(base) / "rank0"
+    for epoch, wer in enumerate([30.0, 20.0, 25.0, 40.0, 35.0]):
+        value.data.fill_(wer)
+        checkpointer.checkpoints_dir = main_folder if dist.get_rank() == 0 else own
+        checkpointer.save_and_keep_only(meta={"WER": wer}, min_keys=["WER"])
+    recovered = checkpointer.recover_if_possible(min_key="WER")
+    kept = sorted(c.meta["WER"] for c in SafeCheckpointer(main_folder).list_checkpoints())
+    return {"recovered": recovered.meta["WER"], "kept": kept,
+            "own_folder": [p.name for p in own.iterdir()] if dist.get_rank() == 1 else None}

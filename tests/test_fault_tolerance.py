@@ -1,6 +1,11 @@
 """Bad data, interrupted saves, non-finite losses and invalid hparams."""
 
 import csv
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +19,7 @@ from preflight import ConfigError, check_hparams, check_output_folder
 from recipes.validate_manifest import AudioLimits, training_charset, validate_manifests
 from train import dataio_prepare
 
+ROOT = Path(__file__).resolve().parents[1]
 LIMITS = AudioLimits(sample_rate=16000, resample=True, min_samples=400, max_duration=2.0)
 
 
@@ -195,7 +201,7 @@ def test_a_nonfinite_loss_on_one_rank_makes_every_rank_skip(tmp_path):
 
 @pytest.fixture
 def hparams(tmp_path):
-    return {"layerdrop": 0.1, "layerdrop_mode": "synced", "data_folder": str(tmp_path)}
+    return {"layerdrop": 0.1, "layerdrop_mode": "synced", "data_folder": str(tmp_path), "hang_timeout_minutes": 30}
 
 
 @pytest.mark.parametrize(
@@ -207,6 +213,8 @@ def hparams(tmp_path):
         ({}, "fp8", "cpu", "precision=fp8 is unknown: set --precision"),
         ({}, "fp16", "cpu", "precision=fp16 needs a CUDA GPU"),
         ({"data_folder": "/no/such/folder"}, "fp32", "cpu", "data_folder=/no/such/folder does not exist"),
+        ({"hang_timeout_minutes": -1}, "fp32", "cpu", "hang_timeout_minutes=-1 is not a number of minutes"),
+        ({"hang_timeout_minutes": "soon"}, "fp32", "cpu", "--hang_timeout_minutes=30"),
     ],
 )
 def test_invalid_hparams_fail_with_one_line_naming_the_key(hparams, change, precision, device, message):
@@ -230,3 +238,47 @@ def test_an_output_folder_of_another_configuration_is_refused_unless_asked(tmp_p
         check_output_folder(tmp_path, other, False, False)
     assert check_output_folder(tmp_path, other, True, False) == "resume"
     assert check_output_folder(tmp_path, other, False, True) == "overwrite"
+
+
+def test_ranks_that_list_different_checkpoints_keep_delete_and_recover_alike(tmp_path):
+    """Each rank has its own checkpoint folder (as SpeechBrain's debug mode gave
+    them): rank 0 sees checkpoints to delete, rank 1 none. SpeechBrain's own
+    deletion hung here; the decisions now come from the main process."""
+    ranks = spawn("checkpoints_seen_differently", tmp_path / "ddp", base=str(tmp_path))
+    assert ranks[0]["recovered"] == ranks[1]["recovered"] == 20.0  # the best WER, on both ranks
+    assert ranks[0]["kept"] == ranks[1]["kept"] == [20.0, 35.0]  # the best and the latest
+    assert ranks[1]["own_folder"] == []  # rank 1 never wrote a checkpoint of its own
+
+
+def test_the_watchdog_prints_the_rank_and_every_thread_then_exits_for_a_restart(tmp_path):
+    code = textwrap.dedent("""
+        import threading, time
+        from fault_tolerance import Watchdog, progress
+        watchdog = Watchdog(timeout_minutes=0.02).start()  # 1.2 s
+        progress("training step 7")
+        threading.Thread(target=time.sleep, args=(60,), name="loader", daemon=True).start()
+        time.sleep(60)  # a hang
+    """)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert time.monotonic() - start < 30
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("watchdog: rank 0 on ") and "last progress: training step 7" in first
+    assert "hang_timeout_minutes=0.02" in first
+    assert result.stderr.count("hread 0x") == 3  # the stacks of main, loader and watchdog
+    assert "loader" in result.stderr or result.stderr.count("File ") >= 3
+
+
+def test_a_watchdog_that_sees_progress_stays_quiet(tmp_path):
+    code = textwrap.dedent("""
+        import time
+        from fault_tolerance import Watchdog, progress
+        watchdog = Watchdog(timeout_minutes=0.02).start()
+        for step in range(30):
+            progress(f"training step {step}")
+            time.sleep(0.1)
+        watchdog.stop()
+    """)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "watchdog" not in result.stderr

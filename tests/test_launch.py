@@ -85,6 +85,41 @@ def test_two_nodes_of_one_process_train_as_one_job_of_world_size_2(tmp_path):
     assert (tmp_path / "shared" / "wer_test.txt").exists()
 
 
+def test_two_nodes_that_do_not_share_the_output_folder_stop_at_once_with_one_line(tmp_path):
+    """Two "nodes" on localhost whose output_folders differ, as on two machines
+    without a shared file system: both stop before anything is written."""
+    env = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    nodes = []
+    for node_rank in ("0", "1"):
+        command = [str(ROOT / "launch_ddp.sh"), *FAST, f"--output_folder={tmp_path / f'node{node_rank}'}",
+                   f"--wavlm_source={tmp_path / 'wavlm-small'}"]
+        nodes.append(subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env, "NODE_RANK": node_rank},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [process.communicate(timeout=300) for process in nodes]
+    assert [process.returncode for process in nodes] == [2, 2] or all(p.returncode != 0 for p in nodes)
+    for stdout, stderr in outputs:
+        errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, stderr[-3000:]
+        assert "rank 1 on " in errors[0] and "cannot see the output_folder=" in errors[0]
+        assert "file system shared by all nodes" in errors[0] and "--output_folder" in errors[0]
+        assert "Going into epoch" not in stdout + stderr
+    assert not (tmp_path / "node0").exists() and not (tmp_path / "node1").exists()  # nothing written
+
+
+def test_debug_mode_with_several_epochs_finishes_on_two_ranks(tmp_path):
+    """The hang of issue 13: in debug mode every rank had its own checkpoint folder,
+    and from epoch 3 on rank 0 deleted checkpoints that rank 1 did not see."""
+    command = [str(ROOT / "launch_ddp.sh"), "--debug", "--debug_epochs=4", "--debug_batches=2", "--noprogressbar",
+               f"--output_folder={tmp_path / 'run'}", f"--wavlm_source={tmp_path / 'wavlm-small'}"]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "MASTER_PORT": str(free_port())},
+                            capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "epoch 4: train loss" in log and "test WER" in log
+    assert "Debug mode: every rank checkpoints into" in log
+    assert not list((tmp_path / "run").glob("debug-checkpoints-*"))  # removed at exit
+
+
 def test_sharded_evaluation_on_two_ranks_gives_the_single_process_wer(tmp_path):
     out = tmp_path / "run"
     # debug_batches=10 covers the whole test set (50 utterances, batches of 16) on one process too
@@ -196,4 +231,38 @@ def test_a_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpo
     per_epoch = int(re.search(r"(\d+) training batches per epoch and rank", text).group(1))
     final = int(re.search(r"epoch 1: train loss .*\(optimizer step (\d+)\)", text).group(1))
     assert final == per_epoch  # nothing skipped, nothing counted twice
+    assert "test WER" in text
+
+
+def test_a_frozen_worker_makes_the_other_ranks_watchdog_restart_the_run(tmp_path):
+    """SIGSTOP freezes rank 1 in the middle of the epoch: rank 0 waits in a collective,
+    its watchdog fires after hang_timeout_minutes, torchrun ends the group and
+    restarts it, and training resumes from the last checkpoint and finishes."""
+    out = tmp_path / "run"
+    log_path = tmp_path / "run.log"
+    command = [str(ROOT / "launch_ddp.sh"), "--max-restarts", "1", f"--output_folder={out}",
+               f"--wavlm_source={tmp_path / 'wavlm-small'}", "--noprogressbar", "--number_of_epochs=1",
+               "--ckpt_interval_steps=5", "--hang_timeout_minutes=0.25"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "MASTER_PORT": str(free_port())})
+        deadline = time.time() + 300
+        while not any((c / "CKPT.yaml").exists() for c in (out / "save").glob("CKPT+*")):
+            assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        victim = worker_pid(str(out), rank=1)
+        assert victim is not None
+        os.kill(victim, signal.SIGSTOP)
+        frozen_at = time.time()
+        while "watchdog: rank 0" not in log_path.read_text():
+            assert time.time() - frozen_at < 60, log_path.read_text()[-3000:]  # 15 s timeout, 4 s checks
+            time.sleep(0.5)
+        code = process.wait(timeout=600)
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
+    line = next(l for l in text.splitlines() if "watchdog: rank 0" in l)
+    assert "made no progress for" in line
+    assert re.search(r"last progress: (training step \d+|checkpoint saved)", line)
+    assert "Thread 0x" in text or "Current thread 0x" in text  # the stacks follow the line
+    assert re.search(r"resumed from checkpoint: epoch 1, batch \d+ of the epoch, optimizer step \d+", text)
     assert "test WER" in text
