@@ -206,12 +206,15 @@ def worker_pid(marker, rank):
     return None
 
 
-def test_a_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpoint(tmp_path):
+def signal_rank1_after_first_checkpoint(tmp_path, sig, *args, on_signal=None):
+    """Train one epoch through launch_ddp.sh --max-restarts 1 with a checkpoint every 5
+    steps; once the first one is on disk, send `sig` to rank 1 (then call
+    `on_signal(log_path)`), and return the exit code and the whole log."""
     out = tmp_path / "run"
     log_path = tmp_path / "run.log"
     command = [str(ROOT / "launch_ddp.sh"), "--max-restarts", "1", f"--output_folder={out}",
                f"--wavlm_source={tmp_path / 'wavlm-small'}", "--noprogressbar", "--number_of_epochs=1",
-               "--ckpt_interval_steps=5"]
+               "--ckpt_interval_steps=5", *args]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "MASTER_PORT": str(free_port())})
@@ -221,9 +224,15 @@ def test_a_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpo
             time.sleep(0.2)
         victim = worker_pid(str(out), rank=1)
         assert victim is not None
-        os.kill(victim, signal.SIGKILL)
+        os.kill(victim, sig)
+        if on_signal is not None:
+            on_signal(log_path)
         code = process.wait(timeout=600)
-    text = log_path.read_text()
+    return code, log_path.read_text()
+
+
+def test_a_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpoint(tmp_path):
+    code, text = signal_rank1_after_first_checkpoint(tmp_path, signal.SIGKILL)
     assert code == 0, text[-3000:]
     resumed = re.search(r"resumed from checkpoint: epoch 1, batch (\d+) of the epoch, optimizer step (\d+)", text)
     assert resumed, text[-3000:]
@@ -238,27 +247,15 @@ def test_a_frozen_worker_makes_the_other_ranks_watchdog_restart_the_run(tmp_path
     """SIGSTOP freezes rank 1 in the middle of the epoch: rank 0 waits in a collective,
     its watchdog fires after hang_timeout_minutes, torchrun ends the group and
     restarts it, and training resumes from the last checkpoint and finishes."""
-    out = tmp_path / "run"
-    log_path = tmp_path / "run.log"
-    command = [str(ROOT / "launch_ddp.sh"), "--max-restarts", "1", f"--output_folder={out}",
-               f"--wavlm_source={tmp_path / 'wavlm-small'}", "--noprogressbar", "--number_of_epochs=1",
-               "--ckpt_interval_steps=5", "--hang_timeout_minutes=0.25"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "MASTER_PORT": str(free_port())})
-        deadline = time.time() + 300
-        while not any((c / "CKPT.yaml").exists() for c in (out / "save").glob("CKPT+*")):
-            assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.2)
-        victim = worker_pid(str(out), rank=1)
-        assert victim is not None
-        os.kill(victim, signal.SIGSTOP)
+
+    def watchdog_fires_in_time(log_path):
         frozen_at = time.time()
         while "watchdog: rank 0" not in log_path.read_text():
             assert time.time() - frozen_at < 60, log_path.read_text()[-3000:]  # 15 s timeout, 4 s checks
             time.sleep(0.5)
-        code = process.wait(timeout=600)
-    text = log_path.read_text()
+
+    code, text = signal_rank1_after_first_checkpoint(tmp_path, signal.SIGSTOP, "--hang_timeout_minutes=0.25",
+                                                     on_signal=watchdog_fires_in_time)
     assert code == 0, text[-3000:]
     line = next(l for l in text.splitlines() if "watchdog: rank 0" in l)
     assert "made no progress for" in line
