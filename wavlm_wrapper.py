@@ -249,7 +249,7 @@ class WavLM(nn.Module):
             # Each layer is its own call, so skipping a layer never changes a graph; the
             # layers share their code, hence their graphs: one per padded length
             # (see _mark_shapes), which the recompile limit must allow.
-            limit = math.ceil(MAX_COMPILED_SECONDS * FRAMES_PER_SECOND / pad_frames_to) + 2
+            limit = math.ceil(MAX_COMPILED_SECONDS * FRAMES_PER_SECOND / max(pad_frames_to, 64)) + 2
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
             self.layers = [torch.compile(layer, backend=compile_backend) for layer in self.layers]
         logger.info(
@@ -367,7 +367,7 @@ class WavLM(nn.Module):
         for layer, skip in zip(self.layers, drop):
             if not skip:
                 if self.compiled:
-                    _mark_shapes(hidden, frame_mask, position_bias)
+                    _mark_shapes(hidden, frame_mask, position_bias, static_length=self.pad_frames_to > 1)
                 hidden, position_bias = layer(
                     hidden, attention_mask=frame_mask, position_bias=position_bias
                 )
@@ -392,18 +392,24 @@ class WavLM(nn.Module):
         return F.pad(hidden, (0, 0, 0, extra)), F.pad(frame_mask, (0, extra), value=False)
 
 
-def _mark_shapes(hidden, frame_mask, position_bias):
+def _mark_shapes(hidden, frame_mask, position_bias, static_length):
     """Tell torch.compile which sizes vary: the batch does (one graph for every
-    batch size), the padded length does not (one graph per length, with static
+    batch size); a padded length does not (one graph per length, with static
     index arithmetic; a symbolic length made the fused bias kernels several times
-    slower on an H200). Sizes of 1 are specialised by PyTorch anyway."""
+    slower on an H200). Unpadded lengths (pad_frames_to 1) are left to PyTorch's
+    automatic dynamic shapes: one graph per length would recompile every batch.
+    Sizes of 1 are specialised by PyTorch anyway."""
     for tensor in (hidden, frame_mask):
         if tensor is not None:
             if tensor.shape[0] > 1:
                 torch._dynamo.mark_dynamic(tensor, 0)
-            torch._dynamo.mark_static(tensor, 1)
+            if static_length:
+                torch._dynamo.mark_static(tensor, 1)
     if position_bias is not None:
-        torch._dynamo.mark_static(position_bias)
+        if static_length:
+            torch._dynamo.mark_static(position_bias)
+        else:
+            torch._dynamo.mark_static(position_bias, 0)  # the head count
 
 
 def _normalize(wav, sample_mask):

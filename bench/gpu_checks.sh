@@ -64,7 +64,7 @@ demo=(--debug --debug_batches=4 --debug_epochs=1 --noprogressbar --layerdrop=0.1
 declare -A runs=(
     [bf16]="--precision=bf16"
     [half]="--precision=$half"
-    [bf16_compile]="--precision=bf16 --compile_layers=True"
+    [bf16_compile]="--precision=bf16 --compile_layers=True --pad_frames_to=64"
 )
 pids=()
 for name in "${!runs[@]}"; do
