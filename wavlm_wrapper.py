@@ -26,11 +26,11 @@ from preflight import LAYERDROP_MODES, check_choice, check_layerdrop, check_posi
 logger = logging.getLogger(__name__)
 
 FREEZE_CHOICES = ("none", "cnn", "all")
+ATTENTION_CHOICES = ("sdpa", "eager")
 # Compiled layers keep one graph per padded length; the recompile limit allows
 # lengths up to this many seconds (WavLM's CNN gives 50 frames per second).
 MAX_COMPILED_SECONDS = 60
 FRAMES_PER_SECOND = 50
-ATTENTION_CHOICES = ("sdpa", "eager")
 
 
 def make_local_checkpoint(folder, config, seed):

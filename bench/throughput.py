@@ -145,11 +145,6 @@ def measure(variant, folder, args, device, dtype):
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    if args.profile:
-        args.profile.parent.mkdir(parents=True, exist_ok=True)
-        with args.profile.open("a") as f:
-            f.write(f"## {variant}: one training step, batch {args.batch} x {args.seconds} s, {args.precision}\n"
-                    f"{profile_step(run_step, device)}\n\n")
     config = args.config
     flops = training_flops(config, args.batch, samples, args.train_cnn)
     peak = PEAK_FLOPS.get(device_kind(device)) if device.type == "cuda" else None
@@ -161,6 +156,11 @@ def measure(variant, folder, args, device, dtype):
         "tflops_per_s": flops / median / 1e12,
         "mfu": flops / median / peak if peak else None,
     }
+    if args.profile:  # after the peak memory was read: the profiled step must not count
+        args.profile.parent.mkdir(parents=True, exist_ok=True)
+        with args.profile.open("a") as f:
+            f.write(f"## {variant}: one training step, batch {args.batch} x {args.seconds} s, {args.precision}\n"
+                    f"{profile_step(run_step, device)}\n\n")
     del model, net, opt
     return result
 
