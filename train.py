@@ -45,7 +45,14 @@ from preflight import (
 )
 from training_curves import append_history, plot_history
 from recipes.tokenizer import load_tokenizer, train_tokenizer
-from recipes.validate_manifest import AudioLimits, report, training_charset, validate_manifests
+from recipes.validate_manifest import (
+    AudioLimits,
+    empty_splits,
+    read_manifest,
+    report,
+    training_charset,
+    validate_manifests,
+)
 
 logger = logging.getLogger(__name__)
 DEFAULT_HPARAMS = Path(__file__).resolve().parent / "hparams" / "demo.yaml"
@@ -322,16 +329,14 @@ def load_audio(path, sample_rate):
 def dataio_prepare(hparams, tokenizer, bad_ids):
     """Train / valid / test datasets with the audio and text pipelines;
     `bad_ids` (rows that failed validation, with skip_invalid) are left out."""
-    replacements = {"data_root": hparams["data_folder"]}
     datasets = {}
     for split in ("train", "valid", "test"):
-        data = sb.dataio.dataset.DynamicItemDataset.from_csv(
-            hparams[f"{split}_csv"], replacements=replacements
+        data = sb.dataio.dataset.DynamicItemDataset(
+            read_manifest(hparams[f"{split}_csv"], hparams["data_folder"], leave_out=bad_ids)
         )
         max_duration = hparams["max_duration"] if split == "train" else None
         key_max = {"duration": max_duration} if max_duration else {}
-        key_test = {"id": lambda utt_id: utt_id not in bad_ids} if bad_ids else {}
-        datasets[split] = data.filtered_sorted(sort_key="duration", key_max_value=key_max, key_test=key_test)
+        datasets[split] = data.filtered_sorted(sort_key="duration", key_max_value=key_max)
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
@@ -355,18 +360,21 @@ def validate_data(hparams):
 
     Returns the IDs to leave out (with skip_invalid), or raises ConfigError with
     the report of every bad row."""
-    bad = None
+    bad = empty = None
     if if_main_process():
         limits = AudioLimits(hparams["sample_rate"], hparams["resample"], hparams["min_samples"],
-                             hparams["max_duration"])
+                             hparams["max_duration"], hparams["duration_tolerance"])
         csvs = {split: hparams[f"{split}_csv"] for split in ("train", "valid", "test")}
         bad = validate_manifests(csvs, hparams["data_folder"], limits, training_charset(hparams["train_csv"]))
-    bad = ddp_broadcast(bad)
-    if not bad:
-        return set()
-    if not hparams["skip_invalid"]:
+        empty = empty_splits(csvs, bad)
+    bad, empty = ddp_broadcast((bad, empty))
+    if bad and not hparams["skip_invalid"]:
         raise ConfigError(f"{len(bad)} bad row(s) in the manifests; fix them, or set --skip_invalid=True "
                           f"to leave them out:\n{report(bad)}")
+    if empty:
+        raise ConfigError(f"{empty[0]}: fix the manifest or the settings named there")
+    if not bad:
+        return set()
     reasons = collections.Counter(row.reason.split(":")[0] for row in bad)
     logger.warning(f"skip_invalid: {len({b.utt_id for b in bad})} utterance(s) left out: {dict(reasons)}")
     return {row.utt_id for row in bad}

@@ -7,6 +7,7 @@ fails there), so it is cheap enough for LibriSpeech 960 h.
 
 import csv
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class AudioLimits:
     resample: bool  # False: another rate is an error
     min_samples: int  # at the model's rate: shorter breaks the CNN
     max_duration: float | None  # seconds; None: no limit
+    duration_tolerance: float  # seconds the duration column may differ from the audio's real length
 
 
 def validate_manifests(csv_paths, data_root, limits, charset, max_duration_splits=("train",)):
@@ -62,6 +64,41 @@ def validate_manifests(csv_paths, data_root, limits, charset, max_duration_split
     return bad
 
 
+def read_manifest(path, data_root, leave_out=()):
+    """A manifest as {ID: row} for SpeechBrain's DynamicItemDataset: `$data_root`
+    replaced, `duration` a float. Rows whose ID is in `leave_out` (bad rows, with
+    skip_invalid) are dropped before any of their values is read, so a bad
+    duration never reaches float()."""
+    rows = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f, skipinitialspace=True):
+            utt_id = row.pop("ID")
+            if utt_id in leave_out:
+                continue
+            row = {key: (value or "").replace("$data_root", str(data_root)) for key, value in row.items()}
+            row["duration"] = float(row["duration"])
+            rows[utt_id] = row
+    return rows
+
+
+def empty_splits(csv_paths, bad_rows):
+    """One line for each split that keeps no row once the bad rows are left out:
+    the split, its row count and why each row went."""
+    bad_ids = {b.utt_id for b in bad_rows}
+    messages = []
+    for split, path in csv_paths.items():
+        with open(path, newline="", encoding="utf-8") as f:
+            ids = [row.get("ID") for row in csv.DictReader(f)]
+        if not ids:
+            messages.append(f"the {split} split is empty: {path} has no rows")
+        elif all(utt_id in bad_ids for utt_id in ids):
+            causes = sorted({b.reason.split(" (")[0].split(":")[0] for b in bad_rows
+                             if b.file == str(path)})
+            messages.append(f"the {split} split is empty after leaving out bad rows: all {len(ids)} row(s) "
+                            f"of {path} are bad ({'; '.join(causes)})")
+    return messages
+
+
 def training_charset(train_csv):
     with open(train_csv, newline="") as f:
         return set("".join(row.get("wrd") or "" for row in csv.DictReader(f)))
@@ -75,6 +112,9 @@ def _row_problems(row, data_root, limits, max_duration, charset):
     unknown = sorted(set(text) - charset - {" "})
     if unknown:
         problems.append(f"characters the tokenizer cannot encode: {''.join(unknown)!r}")
+    stated = _stated_duration(row.get("duration"))
+    if stated is None:
+        problems.append(f"duration {row.get('duration')!r} is not a number of seconds > 0")
     path = Path(row["wav"].replace("$data_root", str(data_root)))
     try:
         info = sf.info(str(path))
@@ -91,7 +131,31 @@ def _row_problems(row, data_root, limits, max_duration, charset):
         problems.append(f"too short for the CNN: {seconds:.3f} s < {limits.min_samples} samples")
     if max_duration is not None and seconds > max_duration:
         problems.append(f"longer than max_duration ({seconds:.1f} s > {max_duration} s)")
+    if stated is not None and abs(stated - seconds) > limits.duration_tolerance:
+        problems.append(_duration_mismatch(stated, seconds, info.samplerate, limits))
     return problems
+
+
+def _stated_duration(text):
+    """The manifest's duration as a float > 0, or None."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _duration_mismatch(stated, seconds, file_rate, limits):
+    """The duration column disagrees with the audio: dynamic batching and the
+    max_duration filter read the column, so a wrong one breaks both."""
+    reason = (f"duration column says {stated:g}, the audio lasts {seconds:.3f} s "
+              f"(more than duration_tolerance={limits.duration_tolerance} s apart)")
+    ratio = stated / seconds
+    units = {"samples": {file_rate, limits.sample_rate}, "milliseconds": {1000}}
+    for unit, scales in units.items():
+        if any(abs(ratio / scale - 1) < 0.05 for scale in scales):
+            return f"{reason}: durations must be in seconds, this looks like {unit}"
+    return reason
 
 
 def report(bad_rows, limit=50):

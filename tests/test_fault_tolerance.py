@@ -16,11 +16,11 @@ from speechbrain.utils.checkpoints import METAFNAME
 from ddp_worker import spawn
 from fault_tolerance import NonFiniteGuard, SafeCheckpointer
 from preflight import ConfigError, check_hparams, check_output_folder
-from recipes.validate_manifest import AudioLimits, training_charset, validate_manifests
+from recipes.validate_manifest import AudioLimits, empty_splits, read_manifest, training_charset, validate_manifests
 from train import dataio_prepare
 
 ROOT = Path(__file__).resolve().parents[1]
-LIMITS = AudioLimits(sample_rate=16000, resample=True, min_samples=400, max_duration=2.0)
+LIMITS = AudioLimits(sample_rate=16000, resample=True, min_samples=400, max_duration=2.0, duration_tolerance=0.1)
 
 
 def tone(seconds, rate=16000, channels=1):
@@ -29,13 +29,24 @@ def tone(seconds, rate=16000, channels=1):
     return np.stack([audio] * channels, axis=1) if channels > 1 else audio
 
 
-def write_csv(path, rows):
+def write_csv(path, rows, durations=None):
+    """A manifest of (ID, wav, wrd) rows; the duration column is the audio's real
+    length where it can be read (1.0 otherwise), or `durations[ID]` when given."""
+    durations = durations or {}
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["ID", "duration", "wav", "spk_id", "wrd"])
         writer.writeheader()
         for utt_id, wav, wrd in rows:
-            writer.writerow({"ID": utt_id, "duration": "1.0", "wav": wav, "spk_id": "s", "wrd": wrd})
+            writer.writerow({"ID": utt_id, "duration": durations.get(utt_id, real_duration(path.parent, wav)),
+                             "wav": wav, "spk_id": "s", "wrd": wrd})
     return path
+
+
+def real_duration(root, wav):
+    try:
+        return str(sf.info(str(wav).replace("$data_root", str(root))).duration)
+    except (sf.LibsndfileError, RuntimeError, OSError):
+        return "1.0"
 
 
 @pytest.fixture
@@ -80,9 +91,57 @@ def test_every_kind_of_bad_row_is_reported_with_file_row_and_reason(audio_dir):
     }
 
 
+@pytest.mark.parametrize(
+    "duration,reason",
+    [
+        ("abc", "duration 'abc' is not a number of seconds > 0"),
+        ("", "duration '' is not a number of seconds > 0"),
+        ("-1", "duration '-1' is not a number of seconds > 0"),
+        ("16000", "duration column says 16000, the audio lasts 1.000 s (more than duration_tolerance=0.1 s "
+                  "apart): durations must be in seconds, this looks like samples"),  # 1 s at 16 kHz
+        ("1000", "duration column says 1000, the audio lasts 1.000 s (more than duration_tolerance=0.1 s "
+                 "apart): durations must be in seconds, this looks like milliseconds"),
+        ("1.5", "duration column says 1.5, the audio lasts 1.000 s (more than duration_tolerance=0.1 s apart)"),
+    ],
+)
+def test_a_duration_column_that_is_no_length_in_seconds_is_a_bad_row(audio_dir, duration, reason):
+    train = write_csv(audio_dir / "train.csv", [("ok", "$data_root/good.wav", "HELLO"),
+                                                ("d", "$data_root/good.wav", "HELLO")], durations={"d": duration})
+    bad = validate_manifests({"train": train}, audio_dir, LIMITS, training_charset(train))
+    assert [(b.row, b.utt_id) for b in bad] == [(3, "d")]
+    assert bad[0].reason == reason
+
+
+def test_a_duration_within_the_tolerance_is_accepted(audio_dir):
+    train = write_csv(audio_dir / "train.csv", [("d", "$data_root/good.wav", "HELLO")], durations={"d": "1.05"})
+    assert validate_manifests({"train": train}, audio_dir, LIMITS, training_charset(train)) == []
+
+
+def test_empty_splits_are_named_with_their_row_count_and_causes(audio_dir):
+    empty = audio_dir / "valid.csv"
+    empty.write_text("ID,duration,wav,spk_id,wrd\n")
+    train = write_csv(audio_dir / "train.csv", [("a", "$data_root/long.wav", "HELLO"),
+                                                ("b", "$data_root/missing.wav", "HELLO")])
+    test = write_csv(audio_dir / "test.csv", [("t", "$data_root/good.wav", "HELLO")])
+    csvs = {"train": train, "valid": empty, "test": test}
+    bad = validate_manifests(csvs, audio_dir, LIMITS, training_charset(train))
+    assert empty_splits(csvs, bad) == [
+        f"the train split is empty after leaving out bad rows: all 2 row(s) of {train} are bad "
+        "(longer than max_duration; missing file)",
+        f"the valid split is empty: {empty} has no rows",
+    ]
+
+
+def test_the_manifest_reader_drops_left_out_rows_before_reading_their_duration(audio_dir):
+    train = write_csv(audio_dir / "train.csv", [("ok", "$data_root/good.wav", "HELLO"),
+                                                ("d", "$data_root/good.wav", "HELLO")], durations={"d": "abc"})
+    rows = read_manifest(train, audio_dir, leave_out={"d"})
+    assert rows == {"ok": {"duration": 1.0, "wav": f"{audio_dir}/good.wav", "spk_id": "s", "wrd": "HELLO"}}
+
+
 def test_another_sample_rate_is_invalid_only_when_resampling_is_off(audio_dir):
     manifest = write_csv(audio_dir / "m.csv", [("rate", "$data_root/rate8k.wav", "HI")])
-    strict = AudioLimits(16000, resample=False, min_samples=400, max_duration=None)
+    strict = AudioLimits(16000, resample=False, min_samples=400, max_duration=None, duration_tolerance=0.1)
     bad = validate_manifests({"train": manifest}, audio_dir, strict, {"H", "I"})
     assert [b.reason.split(" Hz")[0] for b in bad] == ["sample rate 8000"]
     assert validate_manifests({"train": manifest}, audio_dir, LIMITS, {"H", "I"}) == []

@@ -181,6 +181,39 @@ def test_bad_manifest_rows_stop_the_run_or_are_skipped_when_asked(tmp_path):
     assert "skip_invalid: 1 utterance(s) left out" in skipped.stdout + skipped.stderr
 
 
+@pytest.mark.parametrize(
+    "duration,message",
+    [("abc", "duration 'abc' is not a number of seconds > 0"),
+     ("samples", "durations must be in seconds, this looks like samples")],
+    ids=["not-a-number", "samples"],
+)
+def test_a_bad_duration_column_stops_both_ranks_naming_the_row_and_writes_nothing(tmp_path, duration, message):
+    rows = (ROOT / "recipes" / "demo_data" / "train.csv").read_text().splitlines()
+    fields = rows[1].split(",")
+    fields[1] = str(round(float(fields[1]) * 16000)) if duration == "samples" else duration
+    broken = tmp_path / "train.csv"
+    broken.write_text("\n".join([rows[0], ",".join(fields)] + rows[2:]) + "\n")
+    result, out = launch(tmp_path, f"--train_csv={broken}")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors, result.stderr[-3000:]
+    assert f"{broken}:2 ({fields[0]}): " in result.stderr and message in result.stderr
+    assert "could not convert string to float" not in result.stderr
+    assert not out.exists()
+
+
+def test_a_split_left_empty_stops_the_run_naming_it_before_anything_is_written(tmp_path):
+    header = (ROOT / "recipes" / "demo_data" / "valid.csv").read_text().splitlines()[0]
+    empty = tmp_path / "valid.csv"
+    empty.write_text(header + "\n")
+    result, out = launch(tmp_path, f"--valid_csv={empty}")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and errors[0] == f"error: the valid split is empty: {empty} has no rows: fix the manifest " \
+                                   "or the settings named there"
+    assert not out.exists()
+
+
 def test_a_second_run_with_another_configuration_in_the_same_folder_is_refused(tmp_path):
     out = tmp_path / "out"
     first = run_train(tmp_path, f"--output_folder={out}", *FAST)
