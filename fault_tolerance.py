@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import torch
@@ -43,6 +44,11 @@ class SafeCheckpointer(Checkpointer):
     without it by an interrupted save are ignored, then removed at the next start.
     """
 
+    def __init__(self, checkpoints_dir, recoverables=None, custom_load_hooks=None, custom_save_hooks=None,
+                 allow_partial_load=False, keep_latest=1):
+        super().__init__(checkpoints_dir, recoverables, custom_load_hooks, custom_save_hooks, allow_partial_load)
+        self.keep_latest = keep_latest  # the recency order keeps at least this many (beside the best)
+
     def _save_checkpoint_metafile(self, fpath, meta_to_include={}, end_of_epoch=True):
         pending = Path(fpath).with_name(PENDING_META)
         return super()._save_checkpoint_metafile(pending, meta_to_include, end_of_epoch)
@@ -60,11 +66,13 @@ class SafeCheckpointer(Checkpointer):
         """The checkpoint to recover, chosen by the main process alone; every rank
         then reads that same checkpoint (SpeechBrain lets each rank choose from its
         own listing). Every rank must call it (recovery does)."""
-        chosen = None
+        chosen = error = None
         if if_main_process():
-            found = super().find_checkpoint(importance_key, max_key, min_key, ckpt_predicate)
-            chosen = None if found is None else str(found.path)
-        chosen = ddp_broadcast(chosen)
+            chosen, error = self._first_loadable(
+                self.find_checkpoints(importance_key, max_key, min_key, ckpt_predicate))
+        chosen, error = ddp_broadcast((chosen, error))
+        if error:
+            raise ConfigError(error)
         if chosen is None:
             return None
         if not (Path(chosen) / METAFNAME).exists():
@@ -73,6 +81,22 @@ class SafeCheckpointer(Checkpointer):
                 "output_folder must be on a file system shared by all nodes"
             )
         return self._construct_checkpoint_objects([Path(chosen)])[0]
+
+    def _first_loadable(self, ranked):
+        """(path of the first checkpoint in `ranked` whose files load, error or None);
+        each one skipped is reported by path."""
+        damaged = []
+        for checkpoint in ranked:
+            broken = [path.name for path in checkpoint.paramfiles.values() if not _loadable(path)]
+            if not broken:
+                return str(checkpoint.path), None
+            damaged.append(str(checkpoint.path))
+            logger.warning(f"Checkpoint {checkpoint.path} is damaged ({', '.join(broken)} do(es) not load): "
+                           "skipped for the next one")
+        if damaged:
+            return None, (f"no checkpoint in {self.checkpoints_dir} loads ({len(damaged)} damaged): pass "
+                          f"--overwrite=True to start afresh, or delete {self.checkpoints_dir}")
+        return None, None
 
     def delete_checkpoints(self, *, num_to_keep=1, min_keys=None, max_keys=None,
                            importance_keys=(ckpt_recency,), ckpt_predicate=None, verbosity=logging.INFO):
@@ -91,8 +115,9 @@ class SafeCheckpointer(Checkpointer):
             candidates, keep = set(), set()
             for order in orders:
                 ranked = self.find_checkpoints(ckpt_predicate=ckpt_predicate, **order)
+                recency = order.get("importance_key") is ckpt_recency
                 candidates.update(ranked)
-                keep.update(ranked[:num_to_keep])
+                keep.update(ranked[:max(num_to_keep, self.keep_latest) if recency else num_to_keep])
             for checkpoint in sorted(candidates - keep, key=lambda c: str(c.path)):
                 shutil.rmtree(checkpoint.path)
                 logger.log(verbosity, f"Deleted checkpoint in {checkpoint.path}")
@@ -180,6 +205,21 @@ def init_distributed(backend, timeout_s):
     store = torch.distributed.PrefixStore(f"attempt_{attempt}/", store)
     torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return True
+
+
+def _loadable(path):
+    """Whether a checkpoint file can be read back: a file that torch.save wrote (a
+    zip archive) must open as one, which a file cut short does not (its directory
+    is at the end). Reads the archive's directory only, not the tensors."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return True  # a plain-text recoverable (the epoch counter, the sampler)
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+        return True
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def rank():

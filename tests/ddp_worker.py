@@ -174,3 +174,30 @@ def checkpoints_seen_differently(base):
     kept = sorted(c.meta["WER"] for c in SafeCheckpointer(main_folder).list_checkpoints())
     return {"recovered": recovered.meta["WER"], "kept": kept,
             "own_folder": [p.name for p in own.iterdir()] if dist.get_rank() == 1 else None}
+
+
+def damaged_checkpoints(base, damage_all):
+    """Save three epochs (keeping the best and the latest two), cut the newest
+    checkpoint's parameter file in half (or every one), then recover on every rank."""
+    from fault_tolerance import SafeCheckpointer
+    from preflight import ConfigError
+
+    holder = torch.nn.Module()
+    holder.value = torch.nn.Parameter(torch.zeros(1))
+    checkpointer = SafeCheckpointer(base, recoverables={"holder": holder}, keep_latest=2)
+    for wer in (20.0, 30.0, 25.0):
+        holder.value.data.fill_(wer)
+        checkpointer.save_and_keep_only(meta={"WER": wer}, min_keys=["WER"])
+    kept = sorted(c.meta["WER"] for c in checkpointer.list_checkpoints())
+    if dist.get_rank() == 0:
+        newest_first = sorted(checkpointer.list_checkpoints(), key=lambda c: c.meta["unixtime"], reverse=True)
+        for checkpoint in newest_first if damage_all else newest_first[:1]:
+            data = checkpoint.paramfiles["holder"].read_bytes()
+            checkpoint.paramfiles["holder"].write_bytes(data[: len(data) // 2])
+    dist.barrier()
+    holder.value.data.fill_(0.0)
+    try:
+        recovered = checkpointer.recover_if_possible()
+    except ConfigError as error:
+        return {"kept": kept, "error": str(error)}
+    return {"kept": kept, "recovered": recovered.meta["WER"], "value": holder.value.item(), "error": None}

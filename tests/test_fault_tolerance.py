@@ -341,3 +341,18 @@ def test_a_watchdog_that_sees_progress_stays_quiet(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "watchdog" not in result.stderr
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_on_every_rank(tmp_path):
+    ranks = spawn("damaged_checkpoints", tmp_path / "ddp", base=str(tmp_path / "save"), damage_all=False)
+    for result in ranks:
+        assert result["kept"] == [20.0, 25.0, 30.0]  # the best, and the latest two
+        assert result["error"] is None
+        assert result["recovered"] == 30.0 and result["value"] == 30.0  # the one before the damaged newest
+
+
+def test_when_no_checkpoint_loads_every_rank_stops_with_one_line_naming_the_folder_and_the_fix(tmp_path):
+    ranks = spawn("damaged_checkpoints", tmp_path / "ddp", base=str(tmp_path / "save"), damage_all=True)
+    for result in ranks:
+        assert result["error"] == (f"no checkpoint in {tmp_path / 'save'} loads (3 damaged): pass "
+                                   f"--overwrite=True to start afresh, or delete {tmp_path / 'save'}")

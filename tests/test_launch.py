@@ -120,6 +120,26 @@ def test_debug_mode_with_several_epochs_finishes_on_two_ranks(tmp_path):
     assert not list((tmp_path / "run").glob("debug-checkpoints-*"))  # removed at exit
 
 
+def test_a_run_whose_latest_checkpoint_is_damaged_resumes_from_the_one_before(tmp_path):
+    out = tmp_path / "run"
+    command = [str(ROOT / "launch_ddp.sh"), "--debug", "--debug_batches=2", "--debug_epochs=2",
+               "--debug_persistently", "--noprogressbar", f"--output_folder={out}",
+               f"--wavlm_source={tmp_path / 'wavlm-small'}"]
+    run = lambda: subprocess.run(command, cwd=ROOT, env={**os.environ, "MASTER_PORT": str(free_port())},
+                                 capture_output=True, text=True, timeout=300)
+    first = run()
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    checkpoints = sorted((out / "save").glob("CKPT+*"))
+    assert len(checkpoints) == 2  # both epochs kept (keep_latest_checkpoints: 2)
+    newest = checkpoints[-1] / "wavlm.ckpt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a save cut in half
+    second = run()
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-3000:]
+    assert f"Checkpoint {checkpoints[-1]} is damaged (wavlm.ckpt do(es) not load)" in log
+    assert "resumed from checkpoint: epoch 2" in log and "test WER" in log
+
+
 def test_sharded_evaluation_on_two_ranks_gives_the_single_process_wer(tmp_path):
     out = tmp_path / "run"
     # debug_batches=10 covers the whole test set (50 utterances, batches of 16) on one process too
