@@ -332,7 +332,7 @@ class WavLM(nn.Module):
             lengths = torch.round(wav_lens * wav.shape[1]).long()
             sample_mask = torch.arange(wav.shape[1], device=wav.device)[None, :] < lengths[:, None]
         if self.normalize_wav:
-            wav = _normalize(wav, sample_mask)
+            wav = normalize_waveforms(wav, sample_mask)
 
         cnn_ctx = torch.no_grad() if self.freeze != "none" else nullcontext()
         with cnn_ctx:
@@ -412,7 +412,7 @@ def _mark_shapes(hidden, frame_mask, position_bias, static_length):
             torch._dynamo.mark_static(position_bias, 0)  # the head count
 
 
-def _normalize(wav, sample_mask):
+def normalize_waveforms(wav, sample_mask):
     """Per-utterance zero mean, unit variance over the real samples; padding stays 0."""
     if sample_mask is None:
         return F.layer_norm(wav, wav.shape[1:])

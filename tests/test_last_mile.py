@@ -14,7 +14,8 @@ from speechbrain.utils.metric_stats import ErrorRateStats
 from transformers import Wav2Vec2Processor, WavLMForCTC
 
 from export_hf import export
-from transcribe import TrainedModel, main as transcribe_main
+import transcribe
+from transcribe import ExportedModel, TrainedModel, main as transcribe_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo_data"
@@ -116,3 +117,28 @@ def test_exported_model_gives_the_recipes_logits_and_transcripts(trained, finish
         assert processor.batch_decode(theirs.argmax(-1))[0] == ours_text
     with pytest.raises(FileExistsError, match="not empty"):
         export(finished_run[0], export_dir)
+
+
+def test_an_exported_folder_transcribes_like_the_run_without_running_any_yaml(trained, finished_run, tmp_path,
+                                                                               monkeypatch):
+    export_dir = export(finished_run[0], tmp_path / "hf")
+
+    def no_yaml(*args, **kwargs):
+        raise AssertionError("an exported folder must not run a YAML file")
+
+    monkeypatch.setattr(transcribe, "load_hyperpyyaml", no_yaml)
+    rows = list(csv.DictReader(open(DEMO / "test.csv", newline="")))[:6]
+    paths = [str(DEMO / r["wav"].replace("$data_root/", "")) for r in rows]
+    exported = transcribe_main([str(export_dir), *paths])
+    monkeypatch.undo()
+    assert exported == list(trained.transcribe_files(paths).items())
+    signal = trained.load(paths[0])
+    torch.testing.assert_close(ExportedModel(export_dir).logits(signal[None], torch.ones(1)),
+                               trained.logits(signal[None], torch.ones(1)), atol=2e-3, rtol=1e-3)
+
+
+def test_a_folder_that_is_neither_a_run_nor_an_export_is_refused_naming_what_is_missing(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="lacks model.safetensors, sentencepiece.model: give a folder "
+                                                "written by export_hf.py"):
+        transcribe.open_model(tmp_path)
