@@ -23,9 +23,9 @@ from pathlib import Path
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
-from speechbrain.utils.checkpoints import Checkpointer
 from transformers import Wav2Vec2FeatureExtractor, WavLMForCTC
 
+from fault_tolerance import SafeCheckpointer
 from recipes.tokenizer import load_tokenizer
 from train import load_audio
 from wavlm_wrapper import normalize_waveforms
@@ -98,7 +98,8 @@ class TrainedModel(Transcriber):
         self.wavlm = self.hparams["wavlm"]()
         self.head = self.hparams["ctc_head"](input_size=self.wavlm.output_size,
                                              n_neurons=self.tokenizer.vocab_size())
-        checkpointer = Checkpointer(save_folder, recoverables={"wavlm": self.wavlm, "ctc_head": self.head})
+        # The best checkpoint that loads: a damaged one is reported and skipped, as in training.
+        checkpointer = SafeCheckpointer(save_folder, recoverables={"wavlm": self.wavlm, "ctc_head": self.head})
         self.checkpoint = checkpointer.recover_if_possible(min_key="WER")
         if self.checkpoint is None:
             raise FileNotFoundError(f"no checkpoint in {save_folder}: has the run finished an epoch?")
