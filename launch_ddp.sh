@@ -7,7 +7,8 @@
 #
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT on every node
 # (or RDZV_ENDPOINT=host:port for an elastic c10d rendezvous). NPROC_PER_NODE
-# overrides the number of processes per node.
+# overrides the number of processes per node. On one node the checks run once,
+# in one process, before torchrun starts the workers.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -41,6 +42,15 @@ elif [[ "$nnodes" -gt 1 ]]; then
                 --master-port="${MASTER_PORT:-29500}")
 else
     rendezvous=(--standalone)
+fi
+
+if [[ "$nnodes" -eq 1 && -z "${RDZV_ENDPOINT:-}" ]]; then
+    # The checks (settings, manifests, output folder, global batch) once, in one process,
+    # before any worker starts: an error is printed once, as the last line, with exit code 2.
+    # The workers reuse the manifests' check (manifest_check_file), also after a restart.
+    # With several nodes each node's workers check instead (rank 0 decides for all).
+    python3 "$here/train.py" "${train_args[@]}" --check_only --world_size="$nproc" || exit $?
+    export WAVLM_RECIPE_CHECKED=1
 fi
 
 exec python3 -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc" \

@@ -49,6 +49,20 @@ def pop_bool_flag(argv, key):
     return value, rest
 
 
+def pop_int_flag(argv, key):
+    """Remove `--key=N` from `argv` and return (N, rest); N is None when absent."""
+    value, rest = None, []
+    for arg in argv:
+        name, _, text = arg.partition("=")
+        if name == f"--{key}":
+            if not text.isdigit() or int(text) < 1:
+                raise ConfigError(f"--{key}={text} is not a positive integer: use --{key}=2, for example")
+            value = int(text)
+        else:
+            rest.append(arg)
+    return value, rest
+
+
 def resolve_find_unused_parameters(requested, distributed, wavlm):
     """The `find_unused_parameters` value to give DDP.
 

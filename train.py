@@ -10,9 +10,10 @@ and `--precision` (fp32, fp16, bf16) reach DDP and autocast.
 """
 
 import collections
+import csv
 import dataclasses
 import logging
-import math
+import os
 import resource
 import shutil
 import sys
@@ -24,6 +25,7 @@ import soundfile as sf
 import speechbrain as sb
 import torch
 import torchaudio
+import yaml
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main
 
@@ -41,15 +43,27 @@ from preflight import (
     check_output_folder,
     explain_reduction_error,
     pop_bool_flag,
+    pop_int_flag,
     resolve_find_unused_parameters,
+)
+from schedule import (
+    GlobalBatchSampler,
+    check_schedule,
+    derive_accumulation,
+    describe_schedule,
+    learning_rate,
+    make_plan,
 )
 from training_curves import append_history, plot_history
 from recipes.tokenizer import load_tokenizer, train_tokenizer
 from recipes.validate_manifest import (
     AudioLimits,
     empty_splits,
+    fingerprint,
+    load_check,
     read_manifest,
     report,
+    save_check,
     training_charset,
     validate_manifests,
 )
@@ -58,17 +72,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_HPARAMS = Path(__file__).resolve().parent / "hparams" / "demo.yaml"
 # How long a collective may wait for a slow rank (set before the YAML is read; SpeechBrain's value).
 DDP_TIMEOUT_S = 7200
-
-
-def learning_rate(step, peak, warmup_steps, total_steps, final_ratio):
-    """Linear warm-up to `peak`, then cosine annealing to `peak * final_ratio`.
-
-    A pure function of the optimizer step, so a resumed run continues the same curve.
-    """
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+# Set by launch_ddp.sh once its single-process check has passed and printed the plan.
+CHECKED_ENV = "WAVLM_RECIPE_CHECKED"
 
 
 def unwrap(module):
@@ -76,16 +81,22 @@ def unwrap(module):
     return getattr(module, "module", module)
 
 
+@sb.utils.checkpoints.register_checkpoint_hooks
 class ASR(sb.Brain):
     """CTC fine-tuning of a WavLM encoder: encoder and head have their own
-    optimizer and learning rate; the encoder can stay frozen for the first
-    `freeze_encoder_steps` optimizer steps while the head warms up."""
+    optimizer and learning-rate schedule; the encoder can stay frozen for the first
+    `freeze_encoder` fraction of the run while the head warms up.
+
+    `plan` (schedule.TrainingPlan) fixes the accumulation and the number of
+    optimizer steps; the schedules are functions of the optimizer step."""
+
+    plan = None
 
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         encoder_frozen = (
-            stage == sb.Stage.TRAIN and self.optimizer_step < self.hparams.freeze_encoder_steps
+            stage == sb.Stage.TRAIN and self.optimizer_step < self.freeze_steps
         )
         with torch.no_grad() if encoder_frozen else nullcontext():
             feats = self.modules.wavlm(wavs, wav_lens, step=self.optimizer_step)
@@ -120,9 +131,68 @@ class ASR(sb.Brain):
         if isinstance(encoder, torch.nn.parallel.DistributedDataParallel):
             logger.info(f"DDP wraps the encoder with find_unused_parameters={encoder.find_unused_parameters}; "
                         f"training precision {self.precision}")
+        self.adapt_resumed_position()
         if self.optimizer_step > 0 and if_main_process():
             print(f"resumed from checkpoint: epoch {self.hparams.epoch_counter.current + 1}, batch "
-                  f"{self.step} of the epoch, optimizer step {self.optimizer_step}", flush=True)
+                  f"{self.step} of the epoch, optimizer step {self.optimizer_step} of {self.plan.total_steps}",
+                  flush=True)
+
+    @property
+    def freeze_steps(self):
+        return round(self.hparams.freeze_encoder * self.plan.total_steps)
+
+    @sb.utils.checkpoints.mark_as_saver
+    def _save(self, path):
+        super()._save(path)
+        with open(path, "a", encoding="utf-8") as w:  # SpeechBrain's YAML, plus the batching it was saved with
+            w.write(f"world_size: {self.plan.world_size}\naccumulation: {self.plan.accumulation}\n"
+                    f"per_rank_seconds: {self.plan.per_rank_seconds}\n")
+
+    @sb.utils.checkpoints.mark_as_loader
+    def _recover(self, path, end_of_epoch):
+        super()._recover(path, end_of_epoch)
+        with open(path, encoding="utf-8") as f:
+            self.saved_plan = yaml.safe_load(f)
+
+    def adapt_resumed_position(self):
+        """A checkpoint saved mid-epoch with another world size or accumulation:
+        translate its position in the epoch into this run's micro-batches.
+
+        Checkpoints are only taken at optimizer-step boundaries, so `step` local
+        batches of A accumulated micro-batches are step / A optimizer steps into
+        the epoch on any world size: the same global batches when the per-rank
+        batch length is unchanged (exact), otherwise the same number of steps of
+        differently packed batches (warned)."""
+        saved = getattr(self, "saved_plan", None) or {}
+        old = (saved.get("world_size"), saved.get("accumulation"))
+        if self.step == 0 or None in old or old == (self.plan.world_size, self.plan.accumulation):
+            return
+        steps_done = self.step // old[1]
+        self.step = steps_done * self.plan.accumulation
+        if self.train_loader._speechbrain_recovery_skip_to is not None:
+            self.train_loader._speechbrain_recovery_skip_to = self.step
+        message = (f"resuming mid-epoch with world size {self.plan.world_size} x accumulation "
+                   f"{self.plan.accumulation} from a checkpoint of world size {old[0]} x accumulation {old[1]}: "
+                   f"{steps_done} optimizer steps into the epoch")
+        if abs(saved.get("per_rank_seconds", self.plan.per_rank_seconds) - self.plan.per_rank_seconds) > 1e-6:
+            message += (f"; the per-rank batch changed ({saved['per_rank_seconds']:g} s -> "
+                        f"{self.plan.per_rank_seconds:g} s), so the rest of this epoch is packed differently "
+                        "and may repeat or miss some utterances of it")
+        logger.warning(message)
+
+    def _should_save_intra_epoch_ckpt(self, last_ckpt_time, steps_since_ckpt):
+        # Only between optimizer steps: accumulated gradients are not saved. Every
+        # rank is at the same batch count, so all skip SpeechBrain's broadcast alike.
+        if self.step % self.grad_accumulation_factor:
+            return False
+        return super()._should_save_intra_epoch_ckpt(last_ckpt_time, steps_since_ckpt)
+
+    def _train_loader_specifics(self, dataset, loader_kwargs):
+        # GlobalBatchSampler already gives this rank its share: no DistributedSamplerWrapper.
+        if isinstance(loader_kwargs.get("batch_sampler"), GlobalBatchSampler):
+            self.train_sampler = loader_kwargs["batch_sampler"]
+            return loader_kwargs
+        return super()._train_loader_specifics(dataset, loader_kwargs)
 
     def fit_batch(self, batch):
         """SpeechBrain's step, with non-finite losses skipped on every rank at once.
@@ -138,6 +208,7 @@ class ASR(sb.Brain):
             self.scaler.scale(loss / self.grad_accumulation_factor).backward()
         self.accumulated_finite &= self.nonfinite.step_is_finite(loss.detach())
         if should_step:
+            self.accumulated_step_applied = self.accumulated_finite
             if self.accumulated_finite:
                 self.optimizers_step()
             else:
@@ -148,7 +219,8 @@ class ASR(sb.Brain):
 
     def on_fit_batch_start(self, batch, should_step):
         for name, opt in self.optimizers_dict.items():
-            lr = learning_rate(self.optimizer_step, total_steps=self.total_steps, **self.hparams.lr[name])
+            start = self.hparams.freeze_encoder if name == "wavlm" else 0.0
+            lr = learning_rate(self.optimizer_step, self.plan.total_steps, start=start, **self.hparams.lr[name])
             for group in opt.param_groups:
                 group["lr"] = lr
 
@@ -160,9 +232,26 @@ class ASR(sb.Brain):
         interval = self.hparams.layerdrop_check_interval
         if should_step and interval > 0 and self.optimizer_step % interval == 0:
             check_layerdrop_in_sync(unwrap(self.modules.wavlm))
+        if should_step and if_main_process():
+            self.log_step(loss)
+
+    def log_step(self, loss):
+        """One row per optimizer step in `train_steps_file`: the step the schedules
+        used, its learning rates, whether the encoder trained, rank 0's loss."""
+        path = Path(self.hparams.train_steps_file)
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["step", "epoch", *(f"lr_{n}" for n in self.optimizers_dict), "encoder_frozen",
+                                 "loss_rank0"])
+            step = self.optimizer_step - 1 if self.accumulated_step_applied else self.optimizer_step
+            writer.writerow([step, self.hparams.epoch_counter.current,
+                             *(f"{o.param_groups[0]['lr']:.6e}" for o in self.optimizers_dict.values()),
+                             int(step < self.freeze_steps), f"{float(loss.detach()):.4f}"])
 
     def freeze_optimizers(self, optimizers):
-        if self.optimizer_step < self.hparams.freeze_encoder_steps:
+        if self.optimizer_step < self.freeze_steps:
             return {"head": optimizers["head"]}
         return optimizers
 
@@ -326,9 +415,10 @@ def load_audio(path, sample_rate):
     return audio
 
 
-def dataio_prepare(hparams, tokenizer, bad_ids):
-    """Train / valid / test datasets with the audio and text pipelines;
-    `bad_ids` (rows that failed validation, with skip_invalid) are left out."""
+def read_datasets(hparams, bad_ids):
+    """Train / valid / test DynamicItemDatasets sorted by duration, without the
+    rows that failed validation (`bad_ids`, with skip_invalid) and, for train,
+    without utterances longer than max_duration."""
     datasets = {}
     for split in ("train", "valid", "test"):
         data = sb.dataio.dataset.DynamicItemDataset(
@@ -337,6 +427,12 @@ def dataio_prepare(hparams, tokenizer, bad_ids):
         max_duration = hparams["max_duration"] if split == "train" else None
         key_max = {"duration": max_duration} if max_duration else {}
         datasets[split] = data.filtered_sorted(sort_key="duration", key_max_value=key_max)
+    return datasets
+
+
+def dataio_prepare(hparams, tokenizer, bad_ids, datasets=None):
+    """The datasets of `read_datasets` with the audio and text pipelines."""
+    datasets = datasets or read_datasets(hparams, bad_ids)
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
@@ -358,88 +454,153 @@ def dataio_prepare(hparams, tokenizer, bad_ids):
 def validate_data(hparams):
     """Validate the manifests on the main process; every rank gets the result.
 
-    Returns the IDs to leave out (with skip_invalid), or raises ConfigError with
-    the report of every bad row."""
-    bad = empty = None
+    The result is reused when `manifest_check_file` holds one for the same
+    manifests, audio files (sizes, times) and settings. Returns (IDs to leave
+    out with skip_invalid, the fingerprint to save, whether the saved result was
+    used), or raises ConfigError with the report of every bad row."""
+    bad = empty = digest = missing = None
+    reused = False
+    csvs = {split: hparams[f"{split}_csv"] for split in ("train", "valid", "test")}
     if if_main_process():
-        limits = AudioLimits(hparams["sample_rate"], hparams["resample"], hparams["min_samples"],
-                             hparams["max_duration"], hparams["duration_tolerance"])
-        csvs = {split: hparams[f"{split}_csv"] for split in ("train", "valid", "test")}
-        bad = validate_manifests(csvs, hparams["data_folder"], limits, training_charset(hparams["train_csv"]))
-        empty = empty_splits(csvs, bad)
-    bad, empty = ddp_broadcast((bad, empty))
+        missing = next((f"{split}_csv={path} does not exist: set --{split}_csv to the manifest's path"
+                        for split, path in csvs.items() if not Path(path).is_file()), None)
+        if not missing:
+            limits = AudioLimits(hparams["sample_rate"], hparams["resample"], hparams["min_samples"],
+                                 hparams["max_duration"], hparams["duration_tolerance"])
+            charset = training_charset(hparams["train_csv"])
+            digest = fingerprint(csvs, hparams["data_folder"], limits, charset)
+            saved = load_check(hparams["manifest_check_file"], digest)
+            reused = saved is not None
+            if reused:
+                bad, empty = saved
+            else:
+                bad = validate_manifests(csvs, hparams["data_folder"], limits, charset)
+                empty = empty_splits(csvs, bad)
+    bad, empty, digest, missing, reused = ddp_broadcast((bad, empty, digest, missing, reused))
+    if missing:
+        raise ConfigError(missing)
     if bad and not hparams["skip_invalid"]:
         raise ConfigError(f"{len(bad)} bad row(s) in the manifests; fix them, or set --skip_invalid=True "
                           f"to leave them out:\n{report(bad)}")
     if empty:
         raise ConfigError(f"{empty[0]}: fix the manifest or the settings named there")
-    if not bad:
-        return set()
-    reasons = collections.Counter(row.reason.split(":")[0] for row in bad)
-    logger.warning(f"skip_invalid: {len({b.utt_id for b in bad})} utterance(s) left out: {dict(reasons)}")
-    return {row.utt_id for row in bad}
+    if bad:
+        reasons = collections.Counter(row.reason.split(":")[0] for row in bad)
+        logger.warning(f"skip_invalid: {len({b.utt_id for b in bad})} utterance(s) left out: {dict(reasons)}")
+    return bad, digest, reused
+
+
+def training_plan(hparams, train_data, world_size, run_opts):
+    """The global batch arithmetic and the number of optimizer steps (a pure
+    function of the data and the YAML, so every rank computes the same), and
+    the global sequence of batches. In debug mode: the steps debug mode runs."""
+    sampler_opts = dict(hparams["dynamic_batch_sampler"])
+    _, per_rank = derive_accumulation(hparams["global_batch_seconds"], sampler_opts["max_batch_length"], world_size)
+    batches = sb.dataio.sampler.DynamicBatchSampler(
+        train_data, length_func=lambda x: float(x["duration"]), **{**sampler_opts, "max_batch_length": per_rank}
+    )
+    plan = make_plan(batches, hparams["global_batch_seconds"], sampler_opts["max_batch_length"], world_size,
+                     hparams["number_of_epochs"], hparams["global_batch_tolerance"], hparams["max_duration"])
+    if run_opts.debug:  # SpeechBrain stops after debug_batches batches of debug_epochs epochs
+        plan.steps_per_epoch = [min(steps, run_opts.debug_batches) for steps in plan.steps_per_epoch]
+        plan.steps_per_epoch = plan.steps_per_epoch[: run_opts.debug_epochs]
+    return plan, batches
 
 
 def parse_args(argv):
-    """(hparams file, run_opts, overrides, flags) where flags holds the booleans
-    read here: find_unused_parameters, resume, overwrite (None when absent)."""
+    """(hparams file, run_opts, overrides, flags) where flags holds the values
+    read here: find_unused_parameters, resume, overwrite (None when absent),
+    check_only and world_size (launch_ddp.sh's single-process check)."""
     if not argv or not argv[0].endswith((".yaml", ".yml")):
         argv = [str(DEFAULT_HPARAMS)] + list(argv)
     flags = {}
-    for key in ("find_unused_parameters", "resume", "overwrite"):
+    for key in ("find_unused_parameters", "resume", "overwrite", "check_only"):
         flags[key], argv = pop_bool_flag(argv, key)
+    flags["world_size"], argv = pop_int_flag(argv, "world_size")
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    if "grad_accumulation_factor" in run_opts.overridden_args:
+        raise ConfigError("--grad_accumulation_factor is derived from global_batch_seconds and the world size: "
+                          "remove it, and set --global_batch_seconds (per-rank memory: max_batch_length)")
     return hparams_file, run_opts, overrides, flags
 
 
-def prepare_output_folder(hparams, hparams_file, overrides, flags, test_only):
-    """Refuse to mix configurations in one output folder (unless asked), then
-    create it. Only the main process deletes anything."""
+def decide_output_folder(hparams, hparams_file, overrides, flags, test_only):
+    """Refuse to mix configurations in one output folder (unless asked); with
+    --overwrite=True the main process deletes the old run here. Decided on the
+    main process, so that every rank acts alike whatever it reads."""
+    if test_only:
+        return
     with open(hparams_file) as f:
         new_config = resolve_references(f, overrides).getvalue()
-    if not test_only:
-        # Decided on the main process, so that every rank acts alike whatever it reads.
-        decision = error = None
-        if if_main_process():
-            try:
-                decision = check_output_folder(hparams["output_folder"], new_config, flags["resume"],
-                                               flags["overwrite"])
-            except ConfigError as refused:
-                error = str(refused)
-        decision, error = ddp_broadcast((decision, error))
-        if error:
-            raise ConfigError(error)
-        if decision == "overwrite" and if_main_process():
-            shutil.rmtree(hparams["output_folder"])
-            logger.warning(f"--overwrite=True: deleted {hparams['output_folder']}")
-        ddp_barrier()
+    decision = error = None
+    if if_main_process():
+        try:
+            decision = check_output_folder(hparams["output_folder"], new_config, flags["resume"],
+                                           flags["overwrite"])
+        except ConfigError as refused:
+            error = str(refused)
+    decision, error = ddp_broadcast((decision, error))
+    if error:
+        raise ConfigError(error)
+    if decision == "overwrite" and if_main_process():
+        shutil.rmtree(hparams["output_folder"])
+        logger.warning(f"--overwrite=True: deleted {hparams['output_folder']}")
+    ddp_barrier()
+
+
+def check_run(hparams, hparams_file, run_opts, overrides, flags, world_size):
+    """Everything that can refuse the run, in the order that loses nothing:
+    settings, output folder, data preparation, manifests, global batch. Only
+    then is the output folder created (with the manifest check's result).
+
+    Run by every rank (decisions on the main process) and, by launch_ddp.sh,
+    once in a single process before torchrun starts the workers.
+    Returns (bad rows, train dataset, plan, global batch sequence)."""
+    precision = run_opts.precision if "precision" in run_opts.overridden_args else hparams.get("precision", "fp32")
+    check_hparams(hparams, precision, run_opts.device or sb.utils.distributed.infer_device())
+    check_schedule(hparams)
+    decide_output_folder(hparams, hparams_file, overrides, flags, run_opts.test_only)
+    if "prepare_data" in hparams:
+        run_on_main(hparams["prepare_data"])
+    bad, digest, reused = validate_data(hparams)
+    datasets = read_datasets(hparams, {row.utt_id for row in bad})
+    plan, batches = training_plan(hparams, datasets["train"], world_size, run_opts)
     sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"],
-        hyperparams_to_save=hparams_file,
-        overrides=overrides,
+        experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
     )
+    if if_main_process():
+        save_check(hparams["manifest_check_file"], digest, bad, [])
+        if reused:
+            logger.info(f"manifests unchanged since their last check ({hparams['manifest_check_file']}): "
+                        "their audio was not read again")
+    if if_main_process():
+        # Printed by launch_ddp.sh's check already: then only the log file gets it.
+        log = logger.debug if os.environ.get(CHECKED_ENV) and not flags["check_only"] else logger.info
+        for line in [plan.describe(), *describe_schedule(plan.total_steps, hparams["lr"], hparams["freeze_encoder"])]:
+            log(line)
+    return bad, datasets, plan, batches
 
 
 def main(argv):
     hparams_file, run_opts, overrides, flags = parse_args(argv)
-    init_distributed(run_opts.distributed_backend, DDP_TIMEOUT_S)
-    if torch.distributed.is_initialized():
+    if not flags["check_only"]:
+        init_distributed(run_opts.distributed_backend, DDP_TIMEOUT_S)
+    distributed = torch.distributed.is_initialized()
+    if distributed:
         print(f"rank {torch.distributed.get_rank()} of world size {torch.distributed.get_world_size()} "
               f"({run_opts.distributed_backend})", flush=True)
+    world_size = torch.distributed.get_world_size() if distributed else flags["world_size"] or 1
     with open(hparams_file) as f:
         hparams = load_hyperpyyaml(f, overrides)
-    precision = run_opts.precision if "precision" in run_opts.overridden_args else hparams.get("precision", "fp32")
-    device = run_opts.device or sb.utils.distributed.infer_device()
-    check_hparams(hparams, precision, device)
-    check_shared_folders(hparams["output_folder"], hparams["data_folder"])
+    if not flags["check_only"]:
+        check_shared_folders(hparams["output_folder"], hparams["data_folder"])
+    bad, datasets, plan, batches = check_run(hparams, hparams_file, run_opts, overrides, flags, world_size)
+    if flags["check_only"]:
+        print(f"checks passed for world size {world_size}: settings, manifests, output folder", flush=True)
+        return None
     if flags["find_unused_parameters"] is None and hparams.get("find_unused_parameters") is not None:
         flags["find_unused_parameters"] = bool(hparams["find_unused_parameters"])
 
-    # Nothing is written before the checks above; bad data stops the run here.
-    if "prepare_data" in hparams:
-        run_on_main(hparams["prepare_data"])
-    bad_ids = validate_data(hparams)
-    prepare_output_folder(hparams, hparams_file, overrides, flags, run_opts.test_only)
     run_on_main(
         train_tokenizer,
         kwargs={
@@ -450,14 +611,17 @@ def main(argv):
         },
     )
     tokenizer = load_tokenizer(Path(hparams["save_folder"]) / "tokenizer.model")
-    datasets = dataio_prepare(hparams, tokenizer, bad_ids)
+    datasets = dataio_prepare(hparams, tokenizer, None, datasets)
 
     wavlm = hparams["wavlm"]()
-    distributed = torch.distributed.is_initialized()
     run_opts = dataclasses.replace(
         run_opts,
         find_unused_parameters=resolve_find_unused_parameters(flags["find_unused_parameters"], distributed, wavlm),
-        overridden_args=run_opts.overridden_args | {"find_unused_parameters"},
+        grad_accumulation_factor=plan.accumulation,
+        # SpeechBrain's debug_batches counts this rank's batches; the plan counts optimizer steps.
+        debug_batches=run_opts.debug_batches * plan.accumulation,
+        overridden_args=run_opts.overridden_args | {"find_unused_parameters", "grad_accumulation_factor",
+                                                    "debug_batches"},
     )
     ctc_head = hparams["ctc_head"](input_size=wavlm.output_size, n_neurons=tokenizer.vocab_size())
     checkpointer = hparams["checkpointer"]()
@@ -469,20 +633,19 @@ def main(argv):
         run_opts=run_opts,
         checkpointer=checkpointer,
     )
-    asr.tokenizer = tokenizer
+    asr.tokenizer, asr.plan = tokenizer, plan
     if asr.debug and not asr.debug_persistently and distributed:
         checkpointer.use_shared_temporary_folder(hparams["output_folder"])
-    train_loader = asr.make_dataloader(
-        datasets["train"], stage=sb.Stage.TRAIN, **train_loader_kwargs(hparams, datasets["train"])
+    rank = torch.distributed.get_rank() if distributed else 0
+    asr.train_loader = asr.make_dataloader(
+        datasets["train"], stage=sb.Stage.TRAIN, **hparams["train_dataloader_opts"],
+        batch_sampler=GlobalBatchSampler(batches, rank, world_size, plan.accumulation),
     )
-    steps_per_epoch = math.ceil(len(train_loader) / asr.grad_accumulation_factor)
-    asr.total_steps = steps_per_epoch * hparams["number_of_epochs"]
-    logger.info(f"{len(train_loader)} training batches per epoch and rank, {asr.total_steps} optimizer steps in all")
     watchdog = Watchdog(hparams["hang_timeout_minutes"]).start() if hparams["hang_timeout_minutes"] > 0 else None
     try:
         asr.fit(
             hparams["epoch_counter"],
-            train_loader,
+            asr.train_loader,
             datasets["valid"],
             valid_loader_kwargs=hparams["valid_dataloader_opts"],
         )
@@ -495,20 +658,6 @@ def main(argv):
         if watchdog is not None:
             watchdog.stop()
     return asr
-
-
-def train_loader_kwargs(hparams, train_data):
-    """Dynamic batching by total duration when `dynamic_batching` is on."""
-    opts = dict(hparams["train_dataloader_opts"])
-    if hparams["dynamic_batching"]:
-        opts["batch_sampler"] = sb.dataio.sampler.DynamicBatchSampler(
-            train_data,
-            length_func=lambda x: float(x["duration"]),
-            **hparams["dynamic_batch_sampler"],
-        )
-        opts.pop("batch_size", None)
-        opts.pop("shuffle", None)
-    return opts
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class Transcriber:
         wavs, wav_lens = sb.utils.data_utils.batch_pad_right(signals)
         log_probs = self.logits(wavs, wav_lens).log_softmax(-1)
         hyps = sb.decoders.ctc_greedy_decode(log_probs, wav_lens.to(self.device), blank_id=self.blank_index)
-        return [self.tokenizer.decode_ids(h) for h in hyps]
+        return [" ".join(self.tokenizer.decode_ids(h).split()) for h in hyps]  # words, single spaces
 
     def load(self, path):
         return load_audio(path, self.sample_rate)

@@ -8,10 +8,11 @@ import speechbrain as sb
 import torch
 
 from fault_tolerance import SafeCheckpointer
-from train import ASR, learning_rate
+from schedule import TrainingPlan, learning_rate
+from train import ASR
 from wavlm_wrapper import WavLM
 
-LR = {"peak": 0.01, "warmup_steps": 2, "final_ratio": 0.1}
+LR = {"peak": 0.01, "warmup": 0.2, "hold": 0.0, "final_ratio": 0.1, "decay": "cosine"}
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def brain(tiny_wavlm_dir, tmp_path):
     wavlm = WavLM(str(tiny_wavlm_dir), freeze="cnn", hidden_dropout=0.0, attention_dropout=0.0)
     head = sb.nnet.linear.Linear(input_size=wavlm.output_size, n_neurons=6)
     hparams = {
-        "freeze_encoder_steps": 2, "log_softmax": sb.nnet.activations.Softmax(apply_log=True),
+        "freeze_encoder": 0.2, "train_steps_file": tmp_path / "steps.csv", "log_softmax": sb.nnet.activations.Softmax(apply_log=True),
         "blank_index": 0, "lr": {"wavlm": LR, "head": LR}, "layerdrop_check_interval": 0,
         "sample_rate": 16000, "fused_optimizer": False, "use_tensorboard": False,
         "wavlm_opt_class": functools.partial(torch.optim.SGD, lr=LR["peak"]),
@@ -29,7 +30,8 @@ def brain(tiny_wavlm_dir, tmp_path):
     asr = ASR(modules={"wavlm": wavlm, "ctc_head": head}, hparams=hparams,
               run_opts={"device": "cpu", "max_grad_norm": 5.0, "nonfinite_patience": 1},
               checkpointer=SafeCheckpointer(tmp_path))
-    asr.total_steps = 10
+    asr.plan = TrainingPlan(world_size=1, accumulation=1, per_rank_seconds=1.0, global_seconds=1.0,
+                            steps_per_epoch=[10], mean_step_seconds=1.0)
     asr.on_fit_start()
     asr.on_stage_start(sb.Stage.TRAIN, epoch=1)
     return asr
@@ -69,9 +71,9 @@ def test_the_learning_rate_follows_warmup_then_annealing(brain):
         brain.step += 1
         brain.fit_batch(make_batch(step))
         seen.append(brain.optimizers_dict["head"].param_groups[0]["lr"])
-    assert seen == [learning_rate(s, total_steps=10, **LR) for s in range(4)]
+    assert seen == [learning_rate(s, 10, **LR) for s in range(4)]
     assert seen[0] < seen[1] == LR["peak"] > seen[3]
-    assert learning_rate(10, total_steps=10, **LR) == pytest.approx(LR["peak"] * LR["final_ratio"])
+    assert learning_rate(10, 10, **LR) == pytest.approx(LR["peak"] * LR["final_ratio"])
 
 
 def test_a_nonfinite_loss_skips_the_update(brain, monkeypatch):

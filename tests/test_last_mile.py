@@ -114,7 +114,7 @@ def test_exported_model_gives_the_recipes_logits_and_transcripts(trained, finish
             theirs = model(inputs.input_values).logits
         torch.testing.assert_close(theirs, ours, atol=2e-3, rtol=1e-3)
         ours_text = trained.transcribe_batch([signal])[0]
-        assert processor.batch_decode(theirs.argmax(-1))[0] == ours_text
+        assert processor.batch_decode(theirs.argmax(-1))[0].split() == ours_text.split()  # the same words
     with pytest.raises(FileExistsError, match="not empty"):
         export(finished_run[0], export_dir)
 

@@ -207,7 +207,7 @@ def test_bad_manifest_rows_stop_the_run_or_are_skipped_when_asked(tmp_path):
      ("samples", "durations must be in seconds, this looks like samples")],
     ids=["not-a-number", "samples"],
 )
-def test_a_bad_duration_column_stops_both_ranks_naming_the_row_and_writes_nothing(tmp_path, duration, message):
+def test_a_bad_duration_column_stops_the_launch_naming_the_row_and_writes_nothing(tmp_path, duration, message):
     rows = (ROOT / "recipes" / "demo_data" / "train.csv").read_text().splitlines()
     fields = rows[1].split(",")
     fields[1] = str(round(float(fields[1]) * 16000)) if duration == "samples" else duration
@@ -290,7 +290,7 @@ def test_a_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpo
     resumed = re.search(r"resumed from checkpoint: epoch 1, batch (\d+) of the epoch, optimizer step (\d+)", text)
     assert resumed, text[-3000:]
     assert int(resumed.group(2)) > 0 and int(resumed.group(2)) % 5 == 0
-    per_epoch = int(re.search(r"(\d+) training batches per epoch and rank", text).group(1))
+    per_epoch = int(re.search(r"(\d+) optimizer steps per epoch", text).group(1))
     final = int(re.search(r"epoch 1: train loss .*\(optimizer step (\d+)\)", text).group(1))
     assert final == per_epoch  # nothing skipped, nothing counted twice
     assert "test WER" in text

@@ -1,0 +1,176 @@
+"""One YAML on any number of ranks, through launch_ddp.sh on 2 CPU gloo processes
+or 1: the same global batch, optimizer steps and learning rates; a checkpoint
+resumed on another world size continues the schedule; the checks run once,
+before the workers."""
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "recipes" / "demo_data"
+ROWS = {"train": 72, "valid": 8, "test": 8}  # a slice of the demo corpus: about 5 optimizer steps per epoch
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """(folder, manifest arguments) for a slice of the demo corpus."""
+    folder = tmp_path_factory.mktemp("world_size")
+    args = []
+    for split, count in ROWS.items():
+        lines = (DEMO / f"{split}.csv").read_text().splitlines()
+        (folder / f"{split}.csv").write_text("\n".join(lines[: count + 1]) + "\n")
+        args.append(f"--{split}_csv={folder / f'{split}.csv'}")
+    return folder, args
+
+
+def start(corpus, nproc, name, *args):
+    """launch_ddp.sh with NPROC_PER_NODE=nproc, 2 epochs; returns (process, output folder, log path)."""
+    folder, manifests = corpus
+    out, log_path = folder / name, folder / f"{name}-{nproc}.log"
+    command = [str(ROOT / "launch_ddp.sh"), *manifests, "--number_of_epochs=2", "--noprogressbar",
+               f"--output_folder={out}", f"--wavlm_source={folder / 'wavlm-small'}", *args]
+    env = {**os.environ, "NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(free_port())}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    return process, out, log_path
+
+
+def finish(process, log_path):
+    code = process.wait(timeout=600)
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
+    return text
+
+
+def step_rows(out):
+    """train_steps.csv as a list of (step, epoch, lr_wavlm, lr_head, encoder_frozen)."""
+    with open(out / "train_steps.csv", newline="") as f:
+        return [(int(r["step"]), int(r["epoch"]), r["lr_wavlm"], r["lr_head"], r["encoder_frozen"])
+                for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="session")
+def reference_runs(corpus):
+    """The same YAML trained uninterrupted by 2 ranks and by 1 process: {nproc: (log, output folder)}."""
+    runs = {}
+    for nproc in (2, 1):
+        process, out, log_path = start(corpus, nproc, f"reference{nproc}", "--freeze_encoder=0.2")
+        runs[nproc] = finish(process, log_path), out
+    return runs
+
+
+def plan_line(log):
+    lines = [line for line in log.splitlines() if "global batch: world size" in line]
+    assert len(lines) == 1, log[-3000:]  # printed once, by launch_ddp.sh's check
+    return lines[0][lines[0].index("global batch:"):]
+
+
+def test_one_process_accumulating_and_two_ranks_take_the_same_steps_at_the_same_learning_rates(reference_runs):
+    (two_log, two_out), (one_log, one_out) = reference_runs[2], reference_runs[1]
+    two, one = plan_line(two_log), plan_line(one_log)
+    assert two.startswith("global batch: world size 2 x 12 s per rank x accumulation 1 = 24 s")
+    assert one.startswith("global batch: world size 1 x 12 s per rank x accumulation 2 = 24 s")
+    assert two.split(" = ")[1] == one.split(" = ")[1]  # the same audio per step and the same optimizer steps
+    total = int(re.search(r"= (\d+) optimizer steps$", two).group(1))
+
+    rows = step_rows(two_out)
+    assert rows == step_rows(one_out)  # step by step: epoch, both learning rates, encoder frozen or not
+    assert [r[0] for r in rows] == list(range(total))
+    assert {r[4] for r in rows} == {"0", "1"} and rows[0][2] == "0.000000e+00"  # frozen first, then trained
+    for log in (two_log, one_log):
+        assert re.search(rf"epoch 2: train loss .*\(optimizer step {total}\)", log), log[-3000:]
+        assert "schedule wavlm (optimizer steps): frozen for steps 0-" in log
+
+
+def test_the_workers_reuse_the_manifest_check_of_launch_ddp_sh(reference_runs):
+    for log, out in reference_runs.values():
+        assert "checks passed for world size" in log
+        assert "manifests unchanged since their last check" in log  # rank 0 did not read the audio again
+        assert (out / "save" / "manifest_check.json").exists()
+
+
+def kill_group(process, out):
+    """SIGKILL launch_ddp.sh's torchrun and every worker of this run."""
+    os.killpg(process.pid, signal.SIGKILL)
+    for proc in Path("/proc").iterdir():
+        try:
+            if str(out).encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+    process.wait(timeout=60)
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)], ids=["2-ranks-then-1", "1-then-2-ranks"])
+def test_a_run_killed_on_one_world_size_resumes_on_another_and_continues_the_schedule(
+        corpus, reference_runs, first, then):
+    name = f"resume{first}to{then}"
+    args = ("--freeze_encoder=0.2", "--ckpt_interval_steps=2")
+    process, out, log_path = start(corpus, first, name, *args)
+    deadline = time.time() + 300
+    while not any((c / "CKPT.yaml").exists() for c in (out / "save").glob("CKPT+*")):
+        assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.1)
+    kill_group(process, out)
+    killed_rows = step_rows(out)
+
+    process, _, log_path = start(corpus, then, name, *args)
+    log = finish(process, log_path)
+    resumed = re.search(r"resumed from checkpoint: epoch (\d), batch (\d+) of the epoch, optimizer step (\d+) of "
+                        r"(\d+)", log)
+    assert resumed, log[-3000:]
+    step, total = int(resumed.group(3)), int(resumed.group(4))
+    assert 0 < step < total and step <= len(killed_rows)
+    if int(resumed.group(2)) > 0:  # mid-epoch: translated into this world size's micro-batches
+        assert f"resuming mid-epoch with world size {then} x accumulation {2 // then}" in log
+
+    reference = {row[0]: row for row in step_rows(reference_runs[2][1])}
+    rows = step_rows(out)  # the killed run's rows, then the resumed run's from `step` on
+    assert {r[0] for r in rows} == set(reference) and len(reference) == total
+    for row in rows:
+        assert row == reference[row[0]]  # the same epoch and learning rates at every step
+    assert re.search(rf"epoch 2: train loss .*\(optimizer step {total}\)", log)
+
+
+def test_a_bad_manifest_stops_launch_ddp_sh_once_with_the_error_as_the_last_line(corpus, tmp_path):
+    folder, _ = corpus
+    lines = (folder / "train.csv").read_text().splitlines()
+    broken = tmp_path / "train.csv"
+    broken.write_text("\n".join(lines + ["ghost,1.5,$data_root/audio/ghost.ogg,x,SIX RED CAT"]) + "\n")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [str(ROOT / "launch_ddp.sh"), f"--train_csv={broken}", f"--output_folder={out}", "--noprogressbar"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "MASTER_PORT": str(free_port())})
+    output = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 2, output[-30:]
+    errors = [i for i, line in enumerate(output) if line.startswith("error: ")]
+    assert len(errors) == 1 and "--skip_invalid=True" in output[errors[0]]
+    assert output[errors[0] + 1:] == [f"{broken}:{len(lines) + 1} (ghost): missing file: "
+                                      "recipes/demo_data/audio/ghost.ogg"]
+    text = "\n".join(output)
+    assert "ChildFailedError" not in text and "Traceback" not in text and "rank 0 of world size" not in text
+    assert not out.exists()
+
+
+def test_debug_runs_plan_the_same_global_batch_and_steps_on_one_and_two_ranks(tmp_path):
+    plans = []
+    for world_size in (1, 2):
+        result = subprocess.run(
+            ["python3", str(ROOT / "train.py"), "--debug", "--check_only", f"--world_size={world_size}",
+             f"--output_folder={tmp_path / str(world_size)}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        plans.append(plan_line(result.stdout + result.stderr))
+    assert "accumulation 2 = 24 s" in plans[0] and "accumulation 1 = 24 s" in plans[1]
+    assert plans[0].split(" = ")[1] == plans[1].split(" = ")[1]
+    assert plans[0].endswith("2 optimizer steps per epoch x 2 epochs = 4 optimizer steps")
