@@ -10,19 +10,29 @@ The feature extractor normalises each waveform as the recipe does (normalize_wav
 and the tokenizer maps the SentencePiece vocabulary (id 0, `<unk>`, is the CTC
 blank and the pad token; SentencePiece's `▁` becomes the delimiter `|`). The SentencePiece model is copied
 beside it for unigram vocabularies, which the CTC tokenizer cannot decode.
+
+When the run decodes its test set with an n-gram LM, the export is a
+`Wav2Vec2ProcessorWithLM` (pyctcdecode; its `language_model/` holds the LM, the
+words and the weights) and `decoding.json` holds the recipe's search settings:
+`processor.batch_decode(logits.numpy()).text` and `transcribe.py exported/ --beam`
+then give the recipe's beam-search transcripts.
 """
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
 
 from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor, WavLMForCTC
 
+from decoding import CTCDecoder, search_settings
 from transcribe import TrainedModel
 
 SPM_WORD_MARK = "\u2581"  # SentencePiece's word-boundary piece
+DECODING_FILE = "decoding.json"  # test_search of the run, when it has an LM
+PAD = "<pad>"  # the CTC blank's name in the export
 WORD_DELIMITER = "|"  # the CTC tokenizer's default delimiter (transformers 5 does not save another one)
 
 
@@ -44,15 +54,45 @@ def export(output_folder, export_dir):
     pieces = [trained.tokenizer.id_to_piece(i) for i in range(vocab_size)]
     if WORD_DELIMITER in pieces:
         raise ValueError(f"the vocabulary already holds {WORD_DELIMITER!r}: the export cannot map words onto it")
-    vocab = {WORD_DELIMITER if piece == SPM_WORD_MARK else piece: i for i, piece in enumerate(pieces)}
+    # The blank (id 0, SentencePiece's <unk>) is named <pad>, as HF's CTC tokenizers and pyctcdecode expect.
+    vocab = {PAD if i == trained.blank_index else WORD_DELIMITER if piece == SPM_WORD_MARK else piece: i
+             for i, piece in enumerate(pieces)}
     (export_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1))
-    tokenizer = Wav2Vec2CTCTokenizer(str(export_dir / "vocab.json"), unk_token="<unk>", pad_token="<unk>",
+    tokenizer = Wav2Vec2CTCTokenizer(str(export_dir / "vocab.json"), unk_token=PAD, pad_token=PAD,
                                      word_delimiter_token=WORD_DELIMITER, bos_token=None, eos_token=None)
     extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=trained.sample_rate, padding_value=0.0,
                                          do_normalize=trained.wavlm.normalize_wav, return_attention_mask=True)
-    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(export_dir)
+    search = search_settings(trained.hparams["test_search"], trained.hparams.get("decoding_file"))
+    if search["mode"] == "beam" and search.get("lm_path"):
+        processor = processor_with_lm(trained, search, extractor, tokenizer, pieces)
+    else:
+        processor = Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
+    processor.save_pretrained(export_dir)
     shutil.copy(trained.tokenizer_path, export_dir / "sentencepiece.model")
+    if search["mode"] == "beam" and search.get("lm_path"):
+        # The recipe's own search settings, for transcribe.py exported/ --beam (the LM is pyctcdecode's copy).
+        lm_file = next((export_dir / "language_model").glob(f"{Path(search['lm_path']).stem}*"))
+        settings = {**search, "lm_path": str(lm_file.relative_to(export_dir)), "lexicon": None}
+        (export_dir / DECODING_FILE).write_text(json.dumps(settings, indent=1))
     return export_dir
+
+
+def processor_with_lm(trained, search, extractor, tokenizer, pieces):
+    """A Wav2Vec2ProcessorWithLM whose pyctcdecode decoder holds the run's LM, its
+    words (the same lexicon as the recipe's search) and its weights. flashlight
+    adds lm_weight x log10 p(word) per word, pyctcdecode alpha x ln p(word): alpha
+    = lm_weight / ln 10 gives the same scores; beta is the word score."""
+    try:
+        from pyctcdecode import build_ctcdecoder
+    except ImportError:
+        raise ValueError("the run has an LM: its export needs pyctcdecode and kenlm (pip install -e '.[lm]')") from None
+    from transformers import Wav2Vec2ProcessorWithLM
+
+    words = list(CTCDecoder(trained.tokenizer, trained.blank_index, **search).lexicon)
+    labels = ["" if i == trained.blank_index else " " if p == SPM_WORD_MARK else p for i, p in enumerate(pieces)]
+    decoder = build_ctcdecoder(labels, kenlm_model_path=str(search["lm_path"]), unigrams=words,
+                               alpha=search["lm_weight"] / math.log(10), beta=search["word_score"])
+    return Wav2Vec2ProcessorWithLM(feature_extractor=extractor, tokenizer=tokenizer, decoder=decoder)
 
 
 def main(argv=None):

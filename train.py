@@ -29,6 +29,7 @@ import yaml
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main
 
+from decoding import CTCDecoder, check_decoding, search_settings
 from fault_tolerance import (
     NonFiniteGuard,
     Watchdog,
@@ -55,6 +56,7 @@ from schedule import (
     make_plan,
 )
 from training_curves import append_history, plot_history
+from recipes.build_ngram_lm import build_lm
 from recipes.tokenizer import load_tokenizer, train_tokenizer
 from recipes.validate_manifest import (
     AudioLimits,
@@ -91,6 +93,12 @@ class ASR(sb.Brain):
     optimizer steps; the schedules are functions of the optimizer step."""
 
     plan = None
+    test_decoder = None  # decoding.CTCDecoder of test_search, set before evaluate()
+
+    @property
+    def searching(self):
+        """Whether the test set is also decoded by a beam search."""
+        return self.test_decoder is not None and self.test_decoder.mode != "greedy"
 
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
@@ -101,7 +109,8 @@ class ASR(sb.Brain):
         with torch.no_grad() if encoder_frozen else nullcontext():
             feats = self.modules.wavlm(wavs, wav_lens, step=self.optimizer_step)
         logits = self.modules.ctc_head(feats)
-        return self.hparams.log_softmax(logits), wav_lens
+        frame_lens = unwrap(self.modules.wavlm).frame_lengths(wav_lens, wavs.shape[1], logits.shape[1])
+        return self.hparams.log_softmax(logits), frame_lens
 
     def compute_objectives(self, predictions, batch, stage):
         log_probs, wav_lens = predictions
@@ -113,11 +122,19 @@ class ASR(sb.Brain):
             progress(f"{stage.name.lower()} batch")
             self.eval_loss_sum += loss.item() * len(batch.id)
             self.eval_count += len(batch.id)
-            hyps = sb.decoders.ctc_greedy_decode(log_probs, wav_lens, blank_id=self.hparams.blank_index)
-            words = [self.tokenizer.decode_ids(h).split() for h in hyps]
             targets = [text.split() for text in batch.wrd]
+            words = [text.split() for text in self.greedy(log_probs, wav_lens)]
             self.wer_metric.append(batch.id, words, targets)
             self.cer_metric.append(batch.id, words, targets)
+            if stage == sb.Stage.TEST and self.searching:
+                started = time.time()
+                words = [text.split() for text in self.test_decoder(log_probs, wav_lens)]
+                self.decode_seconds += time.time() - started
+                self.search_wer.append(batch.id, words, targets)
+                self.search_cer.append(batch.id, words, targets)
+            if stage == sb.Stage.TEST:
+                wavs, sample_lens = batch.sig
+                self.test_audio_seconds += float(sample_lens.sum()) * wavs.shape[1] / self.hparams.sample_rate
         return loss
 
     def on_fit_start(self):
@@ -273,7 +290,10 @@ class ASR(sb.Brain):
         else:
             self.wer_metric = self.hparams.error_rate_computer()
             self.cer_metric = self.hparams.cer_computer()
+            self.search_wer = self.hparams.error_rate_computer()
+            self.search_cer = self.hparams.cer_computer()
             self.eval_loss_sum, self.eval_count = 0.0, 0
+            self.decode_seconds = self.test_audio_seconds = 0.0
 
     def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
         """Under DDP, each rank evaluates its own shard of valid / test."""
@@ -298,7 +318,10 @@ class ASR(sb.Brain):
                 logger.info(f"Epoch {epoch}: steps each layer was dropped: {wavlm.drop_counts}")
             return
         # Evaluation was sharded across ranks: merge the statistics of all ranks.
-        loss = gather_eval_stats(self, [self.wer_metric, self.cer_metric])
+        metrics = [self.wer_metric, self.cer_metric]
+        if stage == sb.Stage.TEST:
+            metrics += [self.search_wer, self.search_cer]
+        loss = gather_eval_stats(self, metrics)
         stats = {
             "loss": round(loss, 4),
             "CER": round(self.cer_metric.summarize("error_rate"), 2),
@@ -313,15 +336,36 @@ class ASR(sb.Brain):
                 self.report_epoch(epoch, stats, lrs)
             self.checkpointer.save_and_keep_only(meta={"WER": stats["WER"]}, min_keys=["WER"])
         else:
-            self.hparams.train_logger.log_stats(
-                stats_meta={"Epoch loaded": self.hparams.epoch_counter.current}, test_stats=stats
-            )
-            if if_main_process():
-                with open(self.hparams.test_wer_file, "w") as w:
-                    self.wer_metric.write_stats(w)
-                print(f"test WER {stats['WER']} %, CER {stats['CER']} % "
-                      f"(details in {self.hparams.test_wer_file})", flush=True)
-            self.test_stats = stats
+            self.report_test(stats)
+
+    def report_test(self, stats):
+        """The test line(s): greedy, and the test_search decoding when it is a beam
+        search, with its decoding time; wer_test.txt holds the best decoding's details."""
+        details = self.wer_metric
+        line = f"test WER {stats['WER']} %, CER {stats['CER']} %, greedy"
+        if self.searching:
+            decode_seconds, audio = global_sum(self.decode_seconds), global_sum(self.test_audio_seconds)
+            stats.update({"search_WER": round(self.search_wer.summarize("error_rate"), 2),
+                          "search_CER": round(self.search_cer.summarize("error_rate"), 2),
+                          "decode_seconds": round(decode_seconds, 2)})
+            lm = "LM " + Path(self.test_decoder.lm_path).name if self.test_decoder.lm_path else "no LM"
+            line += (f"\ntest WER {stats['search_WER']} %, CER {stats['search_CER']} %, beam search "
+                     f"{self.test_decoder.beam_size} + {lm} (lm_weight {self.test_decoder.lm_weight:g}, word_score "
+                     f"{self.test_decoder.word_score:g}): decoding {decode_seconds:.2f} s for {audio:.0f} s of "
+                     f"audio (real-time factor {decode_seconds / max(audio, 1e-9):.4f})")
+            details = self.search_wer
+        self.hparams.train_logger.log_stats(
+            stats_meta={"Epoch loaded": self.hparams.epoch_counter.current}, test_stats=stats
+        )
+        if if_main_process():
+            with open(self.hparams.test_wer_file, "w") as w:
+                details.write_stats(w)
+            print(f"{line}\ndetails in {self.hparams.test_wer_file}", flush=True)
+        self.test_stats = stats
+
+    def greedy(self, log_probs, wav_lens):
+        hyps = sb.decoders.ctc_greedy_decode(log_probs, wav_lens, blank_id=self.hparams.blank_index)
+        return [self.tokenizer.decode_ids(h) for h in hyps]
 
 
     def report_epoch(self, epoch, stats, lrs):
@@ -563,6 +607,8 @@ def check_run(hparams, hparams_file, run_opts, overrides, flags, world_size):
     if "prepare_data" in hparams:
         run_on_main(hparams["prepare_data"])
     bad, digest, reused = validate_data(hparams)
+    check_decoding(search_settings(hparams["test_search"], hparams["decoding_file"]), hparams.get("lm_text"),
+                   training_charset(hparams["train_csv"]))
     datasets = read_datasets(hparams, {row.utt_id for row in bad})
     plan, batches = training_plan(hparams, datasets["train"], world_size, run_opts)
     sb.create_experiment_directory(
@@ -611,6 +657,9 @@ def main(argv):
         },
     )
     tokenizer = load_tokenizer(Path(hparams["save_folder"]) / "tokenizer.model")
+    search = search_settings(hparams["test_search"], hparams["decoding_file"])
+    if search["mode"] == "beam" and search["lm_path"] and not Path(search["lm_path"]).exists():
+        run_on_main(build_lm, args=([hparams["lm_text"]], search["lm_path"], hparams["lm_order"]))
     datasets = dataio_prepare(hparams, tokenizer, None, datasets)
 
     wavlm = hparams["wavlm"]()
@@ -649,6 +698,7 @@ def main(argv):
             datasets["valid"],
             valid_loader_kwargs=hparams["valid_dataloader_opts"],
         )
+        asr.test_decoder = CTCDecoder(tokenizer, hparams["blank_index"], **search)
         asr.evaluate(
             datasets["test"], min_key="WER", test_loader_kwargs=hparams["valid_dataloader_opts"]
         )

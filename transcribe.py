@@ -11,12 +11,17 @@ is loaded. Use it for your own runs only. An exported folder (safetensors, JSON 
 the SentencePiece model) runs no YAML and unpickles nothing: share models that way.
 Files are batched by length (at
 most `--batch_seconds` of audio per batch). A file longer than `--chunk_seconds`
-is cut into chunks of that length, transcribed chunk by chunk and joined
-(`--chunk_seconds=0` refuses such files instead).
+is read in windows: each keeps `--chunk_seconds` of frames and sees
+`--context_seconds` more audio on both sides, the kept frames are joined and the
+file is decoded once, so no word is cut at a window edge (`--chunk_seconds=0`
+refuses such files instead). `--beam` decodes with the run's `test_search`
+(beam search + n-gram LM, with tune_decoding.py's weights when it ran).
 """
 
 import argparse
 import csv
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -25,6 +30,7 @@ import torch
 from hyperpyyaml import load_hyperpyyaml
 from transformers import Wav2Vec2FeatureExtractor, WavLMForCTC
 
+from decoding import CTCDecoder, search_settings
 from fault_tolerance import SafeCheckpointer
 from recipes.tokenizer import load_tokenizer
 from train import load_audio
@@ -36,48 +42,86 @@ EXPORTED_FILES = ("config.json", "model.safetensors", "sentencepiece.model")
 
 
 class Transcriber:
-    """Batching, chunking and greedy CTC decoding; a subclass provides `logits`,
-    `tokenizer`, `sample_rate`, `blank_index` and `device`."""
+    """Batching, long-file windows and decoding; a subclass provides `logits`,
+    `frame_count`, `tokenizer`, `sample_rate`, `blank_index`, `frame_stride` and `device`.
+    `decoder` (decoding.CTCDecoder) is greedy unless `use_search` set another."""
+
+    decoder = None
 
     @torch.no_grad()
     def transcribe_batch(self, signals):
         """Transcripts of a list of 1-D waveforms at the model's rate."""
         wavs, wav_lens = sb.utils.data_utils.batch_pad_right(signals)
         log_probs = self.logits(wavs, wav_lens).log_softmax(-1)
-        hyps = sb.decoders.ctc_greedy_decode(log_probs, wav_lens.to(self.device), blank_id=self.blank_index)
-        return [" ".join(self.tokenizer.decode_ids(h).split()) for h in hyps]  # words, single spaces
+        frames = self.frame_count(torch.tensor([len(s) for s in signals])).to(log_probs.device)
+        return self.decode(log_probs, frames / log_probs.shape[1])
+
+    def decode(self, log_probs, wav_lens):
+        if self.decoder is None:
+            self.decoder = CTCDecoder(self.tokenizer, self.blank_index)
+        return self.decoder(log_probs, wav_lens)
 
     def load(self, path):
         return load_audio(path, self.sample_rate)
 
-    def transcribe_files(self, paths, batch_seconds=60.0, chunk_seconds=30.0):
-        """{path: transcript}; long files are chunked (or refused with chunk_seconds=0)."""
-        pieces = []  # (path, chunk index, waveform)
-        for path in paths:
-            audio = self.load(path)
-            seconds = len(audio) / self.sample_rate
-            if chunk_seconds <= 0 or seconds <= chunk_seconds:
-                if chunk_seconds <= 0 and seconds > batch_seconds:
-                    raise ValueError(f"{path} is {seconds:.0f} s long, more than --batch_seconds="
-                                     f"{batch_seconds}: set --chunk_seconds (e.g. 30) to cut it")
-                pieces.append((path, 0, audio))
-                continue
-            step = int(chunk_seconds * self.sample_rate)
-            pieces.extend((path, i, audio[start:start + step]) for i, start in enumerate(range(0, len(audio), step)))
-        pieces.sort(key=lambda piece: len(piece[2]))
+    def windows(self, audio, chunk_seconds, context_seconds):
+        """[(start, keep_from, keep_to, waveform)] in samples: centres of `chunk_seconds`
+        that tile the file, each read with `context_seconds` more on both sides, all
+        on the model's frame grid so that a window's frame i is the file's frame
+        start / frame_stride + i. One window when the file is short enough."""
+        stride = self.frame_stride
+        centre = int(chunk_seconds * self.sample_rate) // stride * stride
+        if chunk_seconds <= 0 or len(audio) <= centre:
+            return [(0, 0, len(audio), audio)]
+        context = int(context_seconds * self.sample_rate) // stride * stride
+        pieces = []
+        for keep_from in range(0, len(audio), centre):
+            keep_to = min(keep_from + centre, len(audio))
+            start, end = max(0, keep_from - context), min(len(audio), keep_to + context)
+            pieces.append((start, keep_from, keep_to, audio[start:end]))
+        return pieces
+
+    @torch.no_grad()
+    def file_log_probs(self, audios, batch_seconds=60.0, chunk_seconds=30.0, context_seconds=5.0):
+        """Per file, (frames, vocab) CTC log-probabilities: long files are read in
+        overlapping windows and only each window's centre frames are kept, so that
+        every frame was computed with `context_seconds` of audio on both sides."""
+        pieces = [(i, *w) for i, audio in enumerate(audios) for w in self.windows(audio, chunk_seconds,
+                                                                                   context_seconds)]
+        pieces.sort(key=lambda piece: len(piece[4]))
         batches, batch = [], []
         limit = batch_seconds * self.sample_rate
         for piece in pieces:  # ascending length: the new piece is the longest of its batch
-            if batch and len(piece[2]) * (len(batch) + 1) > limit:
+            if batch and len(piece[4]) * (len(batch) + 1) > limit:
                 batches.append(batch)
                 batch = []
             batch.append(piece)
         batches += [batch] if batch else []
-        texts = {}
+        kept = [[] for _ in audios]  # (first frame, frames)
         for batch in batches:
-            for (path, index, _), text in zip(batch, self.transcribe_batch([p[2] for p in batch])):
-                texts[(path, index)] = text
-        return {path: " ".join(t for (p, _), t in sorted(texts.items()) if p == path and t) for path in paths}
+            wavs, wav_lens = sb.utils.data_utils.batch_pad_right([p[4] for p in batch])
+            log_probs = self.logits(wavs, wav_lens).log_softmax(-1).float().cpu()
+            lengths = self.frame_count(torch.tensor([len(p[4]) for p in batch])).tolist()
+            for (index, start, keep_from, keep_to, _), frames, length in zip(batch, log_probs, lengths):
+                first = (keep_from - start) // self.frame_stride
+                last = length if keep_to == len(audios[index]) else (keep_to - start) // self.frame_stride
+                kept[index].append((keep_from // self.frame_stride, frames[first:last]))
+        return [torch.cat([frames for _, frames in sorted(parts, key=lambda p: p[0])]) for parts in kept]
+
+    def transcribe_files(self, paths, batch_seconds=60.0, chunk_seconds=30.0, context_seconds=5.0):
+        """{path: transcript}: every file decoded once, from its joined frames."""
+        audios = []
+        for path in paths:
+            audio = self.load(path)
+            if chunk_seconds <= 0 and len(audio) > batch_seconds * self.sample_rate:
+                raise ValueError(f"{path} is {len(audio) / self.sample_rate:.0f} s long, more than --batch_seconds="
+                                 f"{batch_seconds}: set --chunk_seconds (e.g. 30) to read it in windows")
+            audios.append(audio)
+        texts = {}
+        for path, log_probs in zip(paths, self.file_log_probs(audios, batch_seconds, chunk_seconds,
+                                                              context_seconds)):
+            texts[path] = self.decode(log_probs[None], torch.ones(1))[0]
+        return texts
 
 
 class TrainedModel(Transcriber):
@@ -108,6 +152,16 @@ class TrainedModel(Transcriber):
         self.head.to(self.device).eval()
         self.sample_rate = self.hparams["sample_rate"]
         self.blank_index = self.hparams["blank_index"]
+        self.frame_stride = math.prod(self.wavlm.model.config.conv_stride)
+        self.frame_count = self.wavlm.model._get_feat_extract_output_lengths  # samples -> frames
+
+    def use_search(self, lm_weight=None, word_score=None):
+        """Decode with the run's test_search (and tune_decoding.py's weights, when
+        it ran), optionally with another LM weight or word score."""
+        search = search_settings(self.hparams["test_search"], self.hparams.get("decoding_file"))
+        search.update({k: v for k, v in (("lm_weight", lm_weight), ("word_score", word_score)) if v is not None})
+        self.decoder = CTCDecoder(self.tokenizer, self.blank_index, **search)
+        return search
 
     @torch.no_grad()
     def logits(self, wavs, wav_lens):
@@ -130,7 +184,21 @@ class ExportedModel(Transcriber):
         self.sample_rate = extractor.sampling_rate
         self.normalize_wav = extractor.do_normalize
         self.blank_index = self.model.config.pad_token_id
+        self.frame_stride = math.prod(self.model.config.conv_stride)
+        self.frame_count = self.model.wavlm._get_feat_extract_output_lengths  # samples -> frames
         self.tokenizer = load_tokenizer(folder / "sentencepiece.model")
+        self.folder = folder
+
+    def use_search(self, lm_weight=None, word_score=None):
+        """Decode with the run's search settings saved by export_hf.py (decoding.json)."""
+        path = self.folder / "decoding.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: this export has no LM (its run decoded greedily)")
+        search = json.loads(path.read_text())
+        search["lm_path"] = str(self.folder / search["lm_path"])
+        search.update({k: v for k, v in (("lm_weight", lm_weight), ("word_score", word_score)) if v is not None})
+        self.decoder = CTCDecoder(self.tokenizer, self.blank_index, **search)
+        return search
 
     @torch.no_grad()
     def logits(self, wavs, wav_lens):
@@ -166,13 +234,22 @@ def main(argv=None):
     parser.add_argument("--out", help="write ID/file,transcript rows here (default: stdout)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch_seconds", type=float, default=60.0, help="audio per batch (padded)")
-    parser.add_argument("--chunk_seconds", type=float, default=30.0, help="cut longer files (0: refuse)")
+    parser.add_argument("--chunk_seconds", type=float, default=30.0,
+                        help="read longer files in windows of this much kept audio (0: refuse them)")
+    parser.add_argument("--context_seconds", type=float, default=5.0,
+                        help="audio read on both sides of each window and dropped after the forward pass")
+    parser.add_argument("--beam", action="store_true", help="decode with the run's test_search (beam + LM)")
+    parser.add_argument("--lm_weight", type=float, help="with --beam: another LM weight")
+    parser.add_argument("--word_score", type=float, help="with --beam: another word score")
     args = parser.parse_args(argv)
     items = read_csv_paths(args.csv, args.data_root) if args.csv else [(a, a) for a in args.audio]
     if not items:
         parser.error("give audio files or --csv")
     model = open_model(args.output_folder, args.device)
-    texts = model.transcribe_files([path for _, path in items], args.batch_seconds, args.chunk_seconds)
+    if args.beam:
+        model.use_search(args.lm_weight, args.word_score)
+    texts = model.transcribe_files([path for _, path in items], args.batch_seconds, args.chunk_seconds,
+                                   args.context_seconds)
     rows = [(key, texts[path]) for key, path in items]
     if args.out:
         with open(args.out, "w", newline="") as f:
@@ -188,6 +265,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -305,6 +305,13 @@ class WavLM(nn.Module):
         self.drop_counts = [0] * self.num_layers
         self._last_drawn_step = None
 
+    def frame_lengths(self, wav_lens, samples, frames):
+        """Relative lengths of the encoder output: the frames each utterance really has
+        (the CNN's own length formula), over `frames`. With these, CTC and the decoders
+        read exactly the real frames (SpeechBrain's round(wav_lens x frames) can be one off)."""
+        counts = self.model._get_feat_extract_output_lengths(torch.round(wav_lens * samples).long())
+        return counts.to(torch.float32) / frames
+
     def forward(self, wav, wav_lens=None, step=0):
         """Encode a padded batch of waveforms.
 
