@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Export a finished run to the HuggingFace format: a `WavLMForCTC` folder that
-`transformers` loads, with the feature extractor and the CTC tokenizer.
+"""Export a finished run to the HuggingFace format: a `WavLMForCTC` folder (or the
+family's own class: `Wav2Vec2ForCTC`, `HubertForCTC`, `Data2VecAudioForCTC`) that
+`transformers` loads (`AutoModelForCTC`), with the feature extractor and the CTC tokenizer.
 
     python export_hf.py results/demo/1986 exported/
     # then: WavLMForCTC.from_pretrained("exported/"), Wav2Vec2Processor.from_pretrained("exported/")
@@ -25,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor, WavLMForCTC
+from transformers import AutoModelForCTC, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
 from decoding import CTCDecoder, search_settings
 from transcribe import TrainedModel
@@ -43,11 +44,13 @@ def export(output_folder, export_dir):
         raise FileExistsError(f"{export_dir} is not empty: choose a new folder")
     export_dir.mkdir(parents=True, exist_ok=True)
     vocab_size = trained.tokenizer.vocab_size()
-    config = trained.wavlm.model.config.to_dict()
-    config.update(architectures=["WavLMForCTC"], vocab_size=vocab_size, pad_token_id=trained.blank_index,
+    encoder = trained.wavlm.model
+    config = encoder.config.to_dict()
+    ctc_class = f"{type(encoder).__name__[: -len('Model')]}ForCTC"  # WavLMForCTC, Wav2Vec2ForCTC, HubertForCTC, ...
+    config.update(architectures=[ctc_class], vocab_size=vocab_size, pad_token_id=trained.blank_index,
                   ctc_loss_reduction="mean", layerdrop=0.0)
-    model = WavLMForCTC(type(trained.wavlm.model.config).from_dict(config))
-    model.wavlm.load_state_dict(trained.wavlm.model.state_dict(), strict=False)
+    model = AutoModelForCTC.from_config(type(encoder.config).from_dict(config))
+    getattr(model, model.base_model_prefix).load_state_dict(encoder.state_dict(), strict=False)
     model.lm_head.load_state_dict({"weight": trained.head.w.weight, "bias": trained.head.w.bias})
     model.save_pretrained(export_dir)
 

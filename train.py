@@ -604,7 +604,7 @@ def check_run(hparams, hparams_file, run_opts, overrides, flags, world_size):
     check_hparams(hparams, precision, run_opts.device or sb.utils.distributed.infer_device())
     check_schedule(hparams)
     decide_output_folder(hparams, hparams_file, overrides, flags, run_opts.test_only)
-    if "prepare_data" in hparams:
+    if hparams.get("prepare_data"):  # null: your own manifests
         run_on_main(hparams["prepare_data"])
     bad, digest, reused = validate_data(hparams)
     check_decoding(search_settings(hparams["test_search"], hparams["decoding_file"]), hparams.get("lm_text"),

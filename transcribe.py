@@ -28,7 +28,7 @@ from pathlib import Path
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
-from transformers import Wav2Vec2FeatureExtractor, WavLMForCTC
+from transformers import AutoModelForCTC, Wav2Vec2FeatureExtractor
 
 from decoding import CTCDecoder, search_settings
 from fault_tolerance import SafeCheckpointer
@@ -179,13 +179,14 @@ class ExportedModel(Transcriber):
         if missing:
             raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: give a folder written by export_hf.py")
         self.device = torch.device(device)
-        self.model = WavLMForCTC.from_pretrained(folder, use_safetensors=True).to(self.device).eval()
+        self.model = AutoModelForCTC.from_pretrained(folder, use_safetensors=True).to(self.device).eval()
         extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder)
         self.sample_rate = extractor.sampling_rate
         self.normalize_wav = extractor.do_normalize
         self.blank_index = self.model.config.pad_token_id
         self.frame_stride = math.prod(self.model.config.conv_stride)
-        self.frame_count = self.model.wavlm._get_feat_extract_output_lengths  # samples -> frames
+        base = getattr(self.model, self.model.base_model_prefix)
+        self.frame_count = base._get_feat_extract_output_lengths  # samples -> frames
         self.tokenizer = load_tokenizer(folder / "sentencepiece.model")
         self.folder = folder
 
@@ -207,6 +208,10 @@ class ExportedModel(Transcriber):
         mask = torch.arange(wavs.shape[1], device=self.device)[None] < torch.round(wav_lens * wavs.shape[1])[:, None]
         if self.normalize_wav:
             wavs = normalize_waveforms(wavs, mask)
+        if getattr(self.model.config, "feat_extract_norm", "layer") == "group" and wavs.shape[0] > 1:
+            # A group-norm CNN depends on padding (HF: do not pad such models): each file alone.
+            alone = [self.model(wavs[i : i + 1, :n]).logits[0] for i, n in enumerate(mask.sum(dim=1).tolist())]
+            return torch.nn.utils.rnn.pad_sequence(alone, batch_first=True)
         return self.model(wavs, attention_mask=mask.long()).logits
 
 

@@ -1,7 +1,8 @@
-"""HuggingFace WavLM as a SpeechBrain module: loading, YAML overrides, freezing,
-rank-synchronised LayerDrop and a memory-efficient attention path.
+"""HuggingFace WavLM (and its family: wav2vec 2.0 / XLS-R, HuBERT, data2vec-audio) as
+a SpeechBrain module: loading, YAML overrides, freezing, rank-synchronised LayerDrop,
+a memory-efficient attention path for WavLM, padding-independent group-norm CNNs.
 
-The module runs WavLM's own sub-modules (CNN, projection, positional conv, encoder
+The module runs the model's own sub-modules (CNN, projection, positional conv, encoder
 layers) but owns the loop over the encoder layers. Owning the loop is what lets the
 recipe choose *which* layers to drop (the same ones on every DDP rank), skip them
 without computing them, and compile each layer once whatever the drop pattern.
@@ -19,13 +20,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import WavLMConfig, WavLMModel
+from transformers import AutoConfig, AutoModel, WavLMModel
 
-from preflight import LAYERDROP_MODES, check_choice, check_layerdrop, check_positive_int
+from preflight import LAYERDROP_MODES, ConfigError, check_choice, check_layerdrop, check_positive_int
 
 logger = logging.getLogger(__name__)
 
 FREEZE_CHOICES = ("none", "cnn", "all")
+# HF encoders this wrapper drives (config.model_type): the same CNN + projection +
+# positional conv + encoder-layer loop; only WavLM has the gated relative position bias.
+FAMILIES = ("wavlm", "wav2vec2", "hubert", "data2vec-audio")
 ATTENTION_CHOICES = ("sdpa", "eager")
 # Compiled layers keep one graph per padded length; the recompile limit allows
 # lengths up to this many seconds (WavLM's CNN gives 50 frames per second).
@@ -34,8 +38,9 @@ FRAMES_PER_SECOND = 50
 
 
 def make_local_checkpoint(folder, config, seed):
-    """Save a randomly initialised WavLM built from `config` (a dict of WavLMConfig
-    fields) to `folder` in the `save_pretrained` layout, unless it is already there.
+    """Save a randomly initialised model built from `config` (a dict of config fields;
+    `model_type` one of FAMILIES, default wavlm) to `folder` in the `save_pretrained`
+    layout, unless it is already there.
 
     Under DDP the main process writes it while the others wait. It is written into
     a temporary folder and renamed into place, so an interrupted save never leaves a
@@ -46,7 +51,8 @@ def make_local_checkpoint(folder, config, seed):
     if not (folder / "config.json").exists() and (not distributed or torch.distributed.get_rank() == 0):
         folder.parent.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
-        model = WavLMModel(WavLMConfig(**config))
+        fields = dict(config)
+        model = AutoModel.from_config(AutoConfig.for_model(fields.pop("model_type", "wavlm"), **fields))
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
         model.save_pretrained(tmp)
         os.rename(tmp, folder)
@@ -131,8 +137,11 @@ def _sdpa_attention_forward(self, hidden_states, attention_mask=None, position_b
     return self.out_proj(attended), None, position_bias
 
 
-class WavLM(nn.Module):
-    """WavLM encoder for fine-tuning, configured from the YAML.
+class SpeechEncoder(nn.Module):
+    """A self-supervised speech encoder of WavLM's family (FAMILIES: WavLM, wav2vec 2.0 /
+    XLS-R, HuBERT, data2vec-audio, chosen by the checkpoint's `model_type`) for
+    fine-tuning, configured from the YAML. WavLM runs the patched SDPA attention
+    with its gated relative position bias; the others HF's own attention.
 
     Arguments
     ---------
@@ -219,7 +228,22 @@ class WavLM(nn.Module):
             activation_dropout=activation_dropout,
             feat_proj_dropout=feat_proj_dropout,
         )
-        self.model = WavLMModel.from_pretrained(source, cache_dir=save_path, **overrides)
+        config = AutoConfig.from_pretrained(source, cache_dir=save_path)
+        self.family = config.model_type
+        if self.family not in FAMILIES:
+            raise ConfigError(f"{source} is a {self.family!r} model; this recipe drives {', '.join(FAMILIES)}: "
+                              "set wavlm_source to one of those")
+        for key, value in overrides.items():  # on the config object: data2vec-audio's has no apply_spec_augment field
+            setattr(config, key, value)
+        if not hasattr(config, "mask_feature_min_masks"):
+            # WavLMConfig lacks it (transformers 5.24) although HF's WavLM reads it as soon as
+            # mask_feature_prob > 0: wav2vec 2.0's default (0) makes feature masking work.
+            config.mask_feature_min_masks = 0
+        if self.family == "wavlm":  # attention patched below (HF's WavLM has no SDPA path)
+            self.model = WavLMModel.from_pretrained(source, config=config, cache_dir=save_path)
+        else:  # HF's own attention: SDPA or eager
+            self.model = AutoModel.from_pretrained(source, config=config, cache_dir=save_path,
+                                                   attn_implementation=attention)
         for key, value in overrides.items():
             live = getattr(self.model.config, key)
             if live != value:
@@ -238,7 +262,7 @@ class WavLM(nn.Module):
 
         self._apply_freeze()
         self._disable_unused_mask_embedding()
-        if attention == "sdpa":
+        if attention == "sdpa" and self.family == "wavlm":
             for layer in self.model.encoder.layers:
                 attn = layer.attention
                 attn.forward = types.MethodType(_sdpa_attention_forward, attn)
@@ -253,7 +277,7 @@ class WavLM(nn.Module):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
             self.layers = [torch.compile(layer, backend=compile_backend) for layer in self.layers]
         logger.info(
-            f"WavLM from {source}: {self.num_layers} layers, hidden {self.output_size}, "
+            f"{self.family} from {source}: {self.num_layers} layers, hidden {self.output_size}, "
             f"layerdrop={self.model.config.layerdrop} ({layerdrop_mode}), freeze={freeze}, "
             f"attention={attention}, SpecAugment={'on' if self.spec_augment_on else 'off'}"
         )
@@ -272,7 +296,7 @@ class WavLM(nn.Module):
 
     def _apply_freeze(self):
         if self.freeze in ("cnn", "all"):
-            self.model.freeze_feature_encoder()  # HF's: the CNN output needs no grad either
+            self.model.feature_extractor._freeze_parameters()  # HF's: the CNN output needs no grad either
         if self.freeze == "all":
             self.model.requires_grad_(False)
 
@@ -343,20 +367,58 @@ class WavLM(nn.Module):
 
         cnn_ctx = torch.no_grad() if self.freeze != "none" else nullcontext()
         with cnn_ctx:
-            features = model.feature_extractor(wav).transpose(1, 2)
+            features = self._cnn_features(wav, None if sample_mask is None else lengths)
         frame_mask = None
         if sample_mask is not None:
             frame_mask = model._get_feature_vector_attention_mask(features.shape[1], sample_mask.long())
-        hidden, _ = model.feature_projection(features)
+        projected = model.feature_projection(features)  # HuBERT returns the tensor, the others a pair
+        hidden = projected[0] if isinstance(projected, tuple) else projected
         hidden = model._mask_hidden_states(hidden, attention_mask=frame_mask)
         return self._run_encoder(hidden, frame_mask, step)
 
+    def _cnn_features(self, wav, lengths):
+        """(batch, frames, channels) CNN features. A group-norm CNN (base models:
+        `feat_extract_norm: group`) normalises over the whole time axis, padding
+        included, so each utterance goes through it alone, on its real samples, as
+        HF computes it without padding: the output does not depend on the batch."""
+        extractor = self.model.feature_extractor
+        group_norm = getattr(self.model.config, "feat_extract_norm", "layer") == "group"  # data2vec: layer norm only
+        if not group_norm or lengths is None or bool((lengths == wav.shape[1]).all()):
+            return extractor(wav).transpose(1, 2)
+        parts = [extractor(wav[i : i + 1, :n]).transpose(1, 2)[0] for i, n in enumerate(lengths.tolist())]
+        return nn.utils.rnn.pad_sequence(parts, batch_first=True)
+
+    def _positions(self, hidden, frame_mask):
+        """The convolutional position embedding. data2vec-audio stacks several
+        convolutions, so padding leaks into real frames from the second one on:
+        there each padded utterance goes through it alone (as HF without padding)."""
+        pos_conv = self.model.encoder.pos_conv_embed
+        if self.family != "data2vec-audio" or frame_mask is None or bool(frame_mask.all()):
+            return pos_conv(hidden)
+        out = torch.zeros_like(hidden)
+        for i, n in enumerate(frame_mask.sum(dim=1).tolist()):
+            out[i, :n] = pos_conv(hidden[i : i + 1, :n])[0]
+        return out
+
+    def _layer_mask(self, hidden, frame_mask):
+        """The attention mask HF's own (non-WavLM) layers take, in the format of their
+        attention implementation; None without padding."""
+        if frame_mask is None:
+            return None
+        try:
+            from transformers.masking_utils import create_bidirectional_mask
+        except ImportError:  # transformers 4.x
+            from transformers.modeling_attn_mask_utils import _prepare_4d_attention_mask
+
+            return _prepare_4d_attention_mask(frame_mask, hidden.dtype)
+        return create_bidirectional_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=frame_mask)
+
     def _run_encoder(self, hidden, frame_mask, step):
         encoder = self.model.encoder
-        stable = self.model.config.do_stable_layer_norm
+        stable = getattr(self.model.config, "do_stable_layer_norm", False)
         if frame_mask is not None:
             hidden = hidden.masked_fill(~frame_mask[..., None], 0.0)
-        hidden = hidden + encoder.pos_conv_embed(hidden)
+        hidden = hidden + self._positions(hidden, frame_mask)
         if not stable:
             hidden = encoder.layer_norm(hidden)
         hidden = encoder.dropout(hidden)
@@ -368,16 +430,21 @@ class WavLM(nn.Module):
             drop = self.draw_layerdrop(step)
         # The SDPA path builds the position bias here, once, so that every layer
         # (the first too) runs the same code: with compile_layers, one graph for all.
-        position_bias = None
-        if self.attention == "sdpa":
+        position_bias = layer_mask = None
+        if self.family == "wavlm" and self.attention == "sdpa":
             position_bias = relative_position_bias(encoder.layers[0].attention, hidden.shape[1])
+        if self.family != "wavlm":
+            layer_mask = self._layer_mask(hidden, frame_mask)
         for layer, skip in zip(self.layers, drop):
-            if not skip:
-                if self.compiled:
-                    _mark_shapes(hidden, frame_mask, position_bias, static_length=self.pad_frames_to > 1)
-                hidden, position_bias = layer(
-                    hidden, attention_mask=frame_mask, position_bias=position_bias
-                )
+            if skip:
+                continue
+            if self.compiled:
+                _mark_shapes(hidden, frame_mask, position_bias, static_length=self.pad_frames_to > 1)
+            if self.family == "wavlm":
+                hidden, position_bias = layer(hidden, attention_mask=frame_mask, position_bias=position_bias)
+            else:
+                out = layer(hidden, attention_mask=layer_mask)
+                hidden = out[0] if isinstance(out, tuple) else out
         hidden = hidden[:, :frames]
         if stable:
             hidden = encoder.layer_norm(hidden)
@@ -428,3 +495,7 @@ def normalize_waveforms(wav, sample_mask):
     mean = (wav * mask).sum(dim=1, keepdim=True) / count
     var = (((wav - mean) * mask) ** 2).sum(dim=1, keepdim=True) / count
     return (wav - mean) / torch.sqrt(var + 1e-5) * mask
+
+
+# The name the recipe's YAML files (and saved run folders) used before the family was supported.
+WavLM = SpeechEncoder

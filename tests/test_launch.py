@@ -271,7 +271,7 @@ def signal_rank1_after_first_checkpoint(tmp_path, sig, *args, on_signal=None):
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "MASTER_PORT": str(free_port())})
-        deadline = time.time() + 300
+        deadline = time.time() + 600  # generous: a loaded CI machine starts slowly
         while not any((c / "CKPT.yaml").exists() for c in (out / "save").glob("CKPT+*")):
             assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.2)

@@ -117,7 +117,7 @@ def test_a_run_killed_on_one_world_size_resumes_on_another_and_continues_the_sch
     name = f"resume{first}to{then}"
     args = ("--freeze_encoder=0.2", "--ckpt_interval_steps=2")
     process, out, log_path = start(corpus, first, name, *args)
-    deadline = time.time() + 300
+    deadline = time.time() + 600  # generous: a loaded CI machine starts slowly
     while not any((c / "CKPT.yaml").exists() for c in (out / "save").glob("CKPT+*")):
         assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
         time.sleep(0.1)
