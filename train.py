@@ -364,8 +364,7 @@ class ASR(sb.Brain):
         self.test_stats = stats
 
     def greedy(self, log_probs, wav_lens):
-        hyps = sb.decoders.ctc_greedy_decode(log_probs, wav_lens, blank_id=self.hparams.blank_index)
-        return [self.tokenizer.decode_ids(h) for h in hyps]
+        return CTCDecoder(self.tokenizer, self.hparams.blank_index)(log_probs, wav_lens)
 
 
     def report_epoch(self, epoch, stats, lrs):
@@ -658,7 +657,9 @@ def main(argv):
     )
     tokenizer = load_tokenizer(Path(hparams["save_folder"]) / "tokenizer.model")
     search = search_settings(hparams["test_search"], hparams["decoding_file"])
-    if search["mode"] == "beam" and search["lm_path"] and not Path(search["lm_path"]).exists():
+    # Decided on the main process (run_on_main ends in a barrier every rank must reach).
+    build = if_main_process() and search["mode"] == "beam" and search["lm_path"] and not Path(search["lm_path"]).exists()
+    if ddp_broadcast(build):
         run_on_main(build_lm, args=([hparams["lm_text"]], search["lm_path"], hparams["lm_order"]))
     datasets = dataio_prepare(hparams, tokenizer, None, datasets)
 

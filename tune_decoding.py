@@ -11,7 +11,6 @@ test evaluation (`train.py ... --test_only`) and `transcribe.py --beam` then use
 """
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -22,14 +21,14 @@ from speechbrain.utils.metric_stats import ErrorRateStats
 
 from decoding import CTCDecoder
 from preflight import ConfigError
+from recipes.validate_manifest import read_manifest
 from transcribe import TrainedModel
 
 
 def valid_set(hparams):
     """[(ID, audio path, words)] of the run's valid manifest."""
-    with open(hparams["valid_csv"], newline="", encoding="utf-8") as f:
-        return [(row["ID"], row["wav"].replace("$data_root", str(hparams["data_folder"])), row["wrd"].split())
-                for row in csv.DictReader(f)]
+    rows = read_manifest(hparams["valid_csv"], hparams["data_folder"])
+    return [(utt_id, row["wav"], row["wrd"].split()) for utt_id, row in rows.items()]
 
 
 def word_error_rate(ids, hypotheses, references):
