@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import tempfile
-import types
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, WavLMModel
 
+import wavlm_attention
 from preflight import LAYERDROP_MODES, ConfigError, check_choice, check_layerdrop, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ FREEZE_CHOICES = ("none", "cnn", "all")
 # HF encoders this wrapper drives (config.model_type): the same CNN + projection +
 # positional conv + encoder-layer loop; only WavLM has the gated relative position bias.
 FAMILIES = ("wavlm", "wav2vec2", "hubert", "data2vec-audio")
-ATTENTION_CHOICES = ("sdpa", "eager")
+ATTENTION_CHOICES = wavlm_attention.KINDS
 # Compiled layers keep one graph per padded length; the recompile limit allows
 # lengths up to this many seconds (WavLM's CNN gives 50 frames per second).
 MAX_COMPILED_SECONDS = 60
@@ -78,65 +78,6 @@ def layerdrop_schedule(step, num_layers, layerdrop, seed, rank=0):
     return drop
 
 
-def relative_position_bias(attention, time):
-    """WavLM's relative position bias for `time` frames, as one (heads, T, T) tensor.
-
-    Equal to HF's `compute_bias(time, time)`, built another way: the bias of (query q,
-    key k) depends on k - q only, so the bucket table is looked up for the 2T - 1
-    relative positions and the (T, T) matrix is a strided view of that row (a
-    Toeplitz matrix). HF looks the table up for all T^2 pairs, and the backward of
-    that lookup adds T^2 x heads gradients into 320 x heads entries: on a GPU that
-    scatter alone costs tens of milliseconds per step. Here the backward sums each
-    diagonal (the unfold's backward) and scatters only 2T - 1 rows.
-    """
-    device = attention.rel_attn_embed.weight.device
-    relative = torch.arange(1 - time, time, device=device)  # k - q for every diagonal
-    values = attention.rel_attn_embed(attention._relative_positions_bucket(relative))  # (2T-1, heads)
-    # windows[h, i, j] = values[i + j, h]; query q is the window that starts at T-1-q.
-    windows = values.t().contiguous().unfold(1, time, 1)
-    return windows.flip(1)  # flip copies into a contiguous (heads, T, T)
-
-
-def _sdpa_attention_forward(self, hidden_states, attention_mask=None, position_bias=None, **kwargs):
-    """Drop-in for `WavLMAttention.forward`: the same maths (gated relative position
-    bias, scale, key padding, attention dropout) through `scaled_dot_product_attention`.
-
-    Unlike HF's, it never materialises the (batch x heads, T, T) attention
-    probabilities in fp32 for backward (HF hard-codes `need_weights=True`), and it
-    keeps the shared position bias as one (heads, T, T) tensor instead of a copy
-    per utterance. Every layer of the model must use it (they pass that bias on).
-    """
-    batch, time, embed = hidden_states.shape
-    heads, head_dim = self.num_heads, self.head_dim
-    if position_bias is None:  # called alone: only the first layer has the table
-        position_bias = relative_position_bias(self, time)
-
-    def split_heads(x):
-        return x.view(batch, time, heads, head_dim).transpose(1, 2)
-
-    # The gate of the relative position bias, per utterance, head and query (as HF).
-    projected = self.gru_rel_pos_linear(split_heads(hidden_states)).view(batch, heads, time, 2, 4).sum(-1)
-    gate_a, gate_b = torch.sigmoid(projected).chunk(2, dim=-1)
-    gate = gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0
-
-    query = split_heads(self.q_proj(hidden_states))
-    key = split_heads(self.k_proj(hidden_states))
-    value = split_heads(self.v_proj(hidden_states))
-    bias = (gate * position_bias).to(query.dtype)
-    if attention_mask is not None:
-        padded_keys = ~attention_mask.bool()[:, None, None, :]
-        bias = bias.masked_fill(padded_keys, float("-inf"))
-    attended = F.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=bias,
-        dropout_p=self.dropout if self.training else 0.0,
-    )
-    attended = attended.transpose(1, 2).reshape(batch, time, embed)
-    return self.out_proj(attended), None, position_bias
-
-
 class SpeechEncoder(nn.Module):
     """A self-supervised speech encoder of WavLM's family (FAMILIES: WavLM, wav2vec 2.0 /
     XLS-R, HuBERT, data2vec-audio, chosen by the checkpoint's `model_type`) for
@@ -170,10 +111,20 @@ class SpeechEncoder(nn.Module):
         ``none``, ``cnn`` (CNN feature encoder frozen, no backward through it) or
         ``all`` (the whole model frozen, run without autograd).
     attention : str
-        ``sdpa`` (memory-efficient, the default) or ``eager`` (HF's own).
+        ``sdpa`` (memory-efficient, the default), ``flex`` (FlexAttention with the
+        gated bias computed inside the kernel; WavLM only, no attention dropout) or
+        ``eager`` (HF's own). See wavlm_attention.
+    flex_kernel_options : dict or None
+        FlexAttention's ``kernel_options`` (block sizes, stages); None: its defaults.
+    activation_checkpointing : bool
+        Recompute each encoder layer in the backward pass instead of keeping its
+        activations (non-reentrant: composes with DDP and LayerDrop).
     compile_layers : bool
         ``torch.compile`` each encoder layer (the layers share one graph per padded
         length, whatever is dropped).
+    compile_cnn : bool
+        ``torch.compile`` the frozen CNN feature encoder (dynamic in the number of
+        samples): its layer norms and GELUs fuse into the convolutions' epilogues.
     compile_backend : str
         The ``torch.compile`` backend (``inductor``; ``aot_eager`` to debug).
     pad_frames_to : int
@@ -203,7 +154,10 @@ class SpeechEncoder(nn.Module):
         feat_proj_dropout=0.0,
         freeze="cnn",
         attention="sdpa",
+        flex_kernel_options=None,
+        activation_checkpointing=False,
         compile_layers=False,
+        compile_cnn=False,
         compile_backend="inductor",
         pad_frames_to=1,
         normalize_wav=True,
@@ -233,13 +187,19 @@ class SpeechEncoder(nn.Module):
         if self.family not in FAMILIES:
             raise ConfigError(f"{source} is a {self.family!r} model; this recipe drives {', '.join(FAMILIES)}: "
                               "set wavlm_source to one of those")
+        if attention == "flex" and self.family != "wavlm":
+            raise ConfigError(f"attention='flex' is WavLM's gated position bias; {source} is a {self.family!r} "
+                              "model, which runs HF's own attention: set --attention=sdpa or eager")
+        if attention == "flex" and attention_dropout > 0:
+            raise ConfigError(f"attention='flex' has no attention dropout, but attention_dropout={attention_dropout}: "
+                              "set --attention_dropout=0 or --attention=sdpa")
         for key, value in overrides.items():  # on the config object: data2vec-audio's has no apply_spec_augment field
             setattr(config, key, value)
         if not hasattr(config, "mask_feature_min_masks"):
             # WavLMConfig lacks it (transformers 5.24) although HF's WavLM reads it as soon as
             # mask_feature_prob > 0: wav2vec 2.0's default (0) makes feature masking work.
             config.mask_feature_min_masks = 0
-        if self.family == "wavlm":  # attention patched below (HF's WavLM has no SDPA path)
+        if self.family == "wavlm":  # attention patched below (HF's WavLM has eager attention only)
             self.model = WavLMModel.from_pretrained(source, config=config, cache_dir=save_path)
         else:  # HF's own attention: SDPA or eager
             self.model = AutoModel.from_pretrained(source, config=config, cache_dir=save_path,
@@ -262,10 +222,9 @@ class SpeechEncoder(nn.Module):
 
         self._apply_freeze()
         self._disable_unused_mask_embedding()
-        if attention == "sdpa" and self.family == "wavlm":
-            for layer in self.model.encoder.layers:
-                attn = layer.attention
-                attn.forward = types.MethodType(_sdpa_attention_forward, attn)
+        if self.family == "wavlm":
+            wavlm_attention.patch_attention(self.model.encoder.layers, attention, flex_kernel_options)
+        self.activation_checkpointing = activation_checkpointing
         self.layers = list(self.model.encoder.layers)
         self.compiled = compile_layers
         self.pad_frames_to = pad_frames_to
@@ -276,10 +235,14 @@ class SpeechEncoder(nn.Module):
             limit = math.ceil(MAX_COMPILED_SECONDS * FRAMES_PER_SECOND / max(pad_frames_to, 64)) + 2
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
             self.layers = [torch.compile(layer, backend=compile_backend) for layer in self.layers]
+        self.cnn = self.model.feature_extractor
+        if compile_cnn:
+            self.cnn = torch.compile(self.cnn, backend=compile_backend, dynamic=True)
         logger.info(
             f"{self.family} from {source}: {self.num_layers} layers, hidden {self.output_size}, "
             f"layerdrop={self.model.config.layerdrop} ({layerdrop_mode}), freeze={freeze}, "
-            f"attention={attention}, SpecAugment={'on' if self.spec_augment_on else 'off'}"
+            f"attention={attention}, activation checkpointing={'on' if activation_checkpointing else 'off'}, "
+            f"SpecAugment={'on' if self.spec_augment_on else 'off'}"
         )
 
     @property
@@ -381,7 +344,7 @@ class SpeechEncoder(nn.Module):
         `feat_extract_norm: group`) normalises over the whole time axis, padding
         included, so each utterance goes through it alone, on its real samples, as
         HF computes it without padding: the output does not depend on the batch."""
-        extractor = self.model.feature_extractor
+        extractor = self.cnn
         group_norm = getattr(self.model.config, "feat_extract_norm", "layer") == "group"  # data2vec: layer norm only
         if not group_norm or lengths is None or bool((lengths == wav.shape[1]).all()):
             return extractor(wav).transpose(1, 2)
@@ -431,20 +394,28 @@ class SpeechEncoder(nn.Module):
         # The SDPA path builds the position bias here, once, so that every layer
         # (the first too) runs the same code: with compile_layers, one graph for all.
         position_bias = layer_mask = None
-        if self.family == "wavlm" and self.attention == "sdpa":
-            position_bias = relative_position_bias(encoder.layers[0].attention, hidden.shape[1])
+        if self.family == "wavlm" and self.attention != "eager":
+            position_bias = wavlm_attention.position_table(encoder.layers[0].attention, hidden.shape[1],
+                                                           self.attention)
         if self.family != "wavlm":
             layer_mask = self._layer_mask(hidden, frame_mask)
+        checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer, skip in zip(self.layers, drop):
             if skip:
                 continue
             if self.compiled:
                 _mark_shapes(hidden, frame_mask, position_bias, static_length=self.pad_frames_to > 1)
             if self.family == "wavlm":
-                hidden, position_bias = layer(hidden, attention_mask=frame_mask, position_bias=position_bias)
+                kwargs = dict(attention_mask=frame_mask, position_bias=position_bias)
             else:
-                out = layer(hidden, attention_mask=layer_mask)
-                hidden = out[0] if isinstance(out, tuple) else out
+                kwargs = dict(attention_mask=layer_mask)
+            if checkpointed:  # non-reentrant: DDP hooks and unused layers behave as without it
+                out = torch.utils.checkpoint.checkpoint(layer, hidden, use_reentrant=False, **kwargs)
+            else:
+                out = layer(hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+            if self.family == "wavlm":
+                position_bias = out[1]
         hidden = hidden[:, :frames]
         if stable:
             hidden = encoder.layer_norm(hidden)

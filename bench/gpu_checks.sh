@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU check of the speed issue as one command, for a lent H100/H200
-# (../shared/device/README.md: carry .whl), and its rehearsal on CPU.
+# Every GPU check of the speed work as one command, for a lent H100/H200
+# (carry .whl: bash ../shared/device/wheels.sh), and its rehearsal on CPU.
 #
 #   bash bench/gpu_checks.sh "$OUT"             # on the GPU machine
 #   bash bench/gpu_checks.sh /tmp/checks --cpu  # here: the same commands at toy size on CPU
 #
-# Writes at most 8 files (the most a device run returns): checks.log (everything
-# printed, with each command and its exit status), status.txt (one line per
-# command), bench_8x15.json, bench_4x30.json, bench_ddp.json, profile.txt and
-# launch.log (the training runs through launch_ddp.sh).
+# The checks run most valuable first, each with a time limit, under one deadline
+# (BUDGET_S, default 540 s): what ran before a limit is kept. Writes 8 files (the
+# most a device run returns): checks.log (everything printed, each command and its
+# exit status), status.txt (one line per check, then the tables), flex_options.json,
+# bench_8x15.json, profile.txt, max_batch_15.json, bench_4x30.json, max_batch_30.json.
 set -uo pipefail
 out="$(mkdir -p "${1:-results/gpu}" && cd "${1:-results/gpu}" && pwd)"
 mode="${2:---gpu}"
@@ -17,81 +18,99 @@ work="$(mktemp -d)"
 log="$out/checks.log"
 : > "$log"
 : > "$out/status.txt"
+deadline=$((SECONDS + ${BUDGET_S:-540}))
 
-step() {  # step NAME SECONDS COMMAND...: run one check with a time limit, record its exit status
-    local name="$1" limit="$2"
+step() {  # step NAME SECONDS COMMAND...: run one check within its limit and the deadline
+    local name="$1" limit="$2" left=$((deadline - SECONDS))
     shift 2
-    echo "### $name: $*" >> "$log"
+    ((left < limit)) && limit=$left
+    if ((limit < 20)); then
+        echo "$name skipped: deadline" | tee -a "$out/status.txt" >> "$log"
+        return
+    fi
+    echo "### $name (limit ${limit} s): $*" >> "$log"
+    local start=$SECONDS
     timeout "$limit" "$@" >> "$log" 2>&1
-    echo "$name exit $?" | tee -a "$out/status.txt" >> "$log"
+    echo "$name exit $? after $((SECONDS - start)) s" | tee -a "$out/status.txt" >> "$log"
 }
 
 if [[ "$mode" == "--cpu" ]]; then
-    size=(--tiny --device cpu --precision fp32 --batch 2 --seconds 1 --warmup 1 --steps 2)
-    long=(--tiny --device cpu --precision fp32 --batch 1 --seconds 2 --warmup 1 --steps 2)
+    common=(--tiny --device cpu --precision bf16 --warmup 1 --steps 2)
+    size=(--batch 2 --seconds 1)
+    long=(--batch 1 --seconds 2)
     parity=(--tiny --device cpu)
-    half=fp32            # fp16 needs CUDA: the rehearsal runs the same command in fp32
-    device=cpu
+    probe=(--device cpu --frames 64 --batch 2 --repeats 2)
+    variants="stock,peer,fast+compile,ceiling+cnn"   # flex trains on CUDA only
+    best=fast+compile
     export NPROC_PER_NODE=1
+    device=cpu
 else
     if [[ -d .whl ]]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/site .whl/*.whl || exit 1
         export PYTHONPATH="/tmp/site:$PWD"
     fi
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$log"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv >> "$log"
+    common=()
     size=(--batch 8 --seconds 15)
     long=(--batch 4 --seconds 30)
     parity=()
-    half=fp16
-    device=cuda:0
+    probe=()
+    variants="stock,peer,fast+compile,flex+compile,flex+compile+cnn,ceiling+cnn"
+    best=flex+compile+cnn
+    device=cuda
 fi
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$work/inductor"  # shared by the steps: compile once per graph
 python3 -c "import torch, transformers, speechbrain; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'speechbrain', speechbrain.__version__)" >> "$log" 2>&1
 model=(--model_dir "$work/model")
 
-# 0. Parity with stock HF in fp32 (eager SDPA path and compiled layers): outputs and gradients.
-step parity 240 python3 bench/parity.py "${parity[@]}"
+# 0. FlexAttention kernel options that fit this GPU's shared memory, fastest first.
+flex=()
+if [[ "$mode" != "--cpu" ]]; then
+    step flex_options 100 python3 bench/flex_options.py "${probe[@]}" --out "$out/flex_options.json"
+    options=$(python3 -c "import json; r = json.load(open('$out/flex_options.json'))
+print(json.dumps(r['best']) if any('median_s' in c for c in r['candidates']) else 'none')" 2>/dev/null)
+    if [[ -z "$options" || "$options" == none ]]; then
+        variants="stock,peer,fast+compile,fast+compile+cnn,ceiling+cnn"   # no flex kernel compiled here
+        best=fast+compile+cnn
+    elif [[ "$options" != "null" ]]; then
+        flex=(--flex_kernel_options "$options")
+    fi
+    echo "flex kernel options: ${options:-none}; best path measured as $best" | tee -a "$out/status.txt" >> "$log"
+fi
 
-# 1. Throughput at 8 x 15 s bf16, CNN frozen: stock, fast, fast+compile, with a profile of one step each.
-step bench_8x15 300 python3 bench/throughput.py "${size[@]}" "${model[@]}" \
-    --profile "$out/profile.txt" --out "$out/bench_8x15.json"
+# 1. Throughput at 8 x 15 s bf16, CNN frozen: stock, the peer patch, this recipe's paths, the ceiling.
+step bench_8x15 230 python3 bench/throughput.py "${common[@]}" "${size[@]}" "${model[@]}" "${flex[@]}" \
+    --variants "$variants" --profile "$out/profile.txt" --out "$out/bench_8x15.json"
 
-# 2. Training through launch_ddp.sh (nccl at world size 1 on a GPU), in parallel:
-#    bf16, fp16 with the grad scaler, compile on; LayerDrop 0.1 synced in each.
-demo=(--debug --debug_batches=4 --debug_epochs=1 --noprogressbar --layerdrop=0.1 --layerdrop_mode=synced)
-declare -A runs=(
-    [bf16]="--precision=bf16"
-    [half]="--precision=$half"
-    [bf16_compile]="--precision=bf16 --compile_layers=True --pad_frames_to=64"
-)
-pids=()
-for name in "${!runs[@]}"; do
-    # shellcheck disable=SC2086  # the run's flags are words
-    timeout 300 ./launch_ddp.sh "${demo[@]}" ${runs[$name]} --output_folder="$work/$name" \
-        --wavlm_source="$work/wavlm-small-$name" > "$work/$name.log" 2>&1 &
-    pids+=("$!:$name")
-done
-# Two gloo ranks sharing the one GPU: the DDP code path on CUDA tensors (not a timing).
-timeout 300 python3 -m torch.distributed.run --standalone --nproc-per-node=2 train.py "${demo[@]}" \
-    --device="$device" --distributed_backend=gloo --precision=bf16 \
-    --output_folder="$work/gloo2" --wavlm_source="$work/wavlm-small-gloo2" > "$work/gloo2.log" 2>&1 &
-pids+=("$!:gloo2")
-for entry in "${pids[@]}"; do
-    wait "${entry%%:*}"
-    rc=$?
-    name="${entry#*:}"
-    { echo "### launch $name (exit $rc)"; cat "$work/$name.log"; } >> "$out/launch.log"
-    ddp_line=$(grep -o "DDP wraps the encoder with .*" "$work/$name.log" | head -1)
-    echo "launch_$name exit $rc; ${ddp_line:-no DDP line}; $(grep -c 'test WER' "$work/$name.log") test WER line(s)" \
-        | tee -a "$out/status.txt" >> "$log"
-done
+# 2. Parity with stock HF in fp32: outputs and gradients of every path (flex: on CUDA only).
+step parity 110 python3 bench/parity.py "${parity[@]}" "${flex[@]}"
 
-# 3. Memory at 4 x 30 s, then DDP (world size 1) with LayerDrop 0.1.
-step bench_4x30 200 python3 bench/throughput.py "${long[@]}" "${model[@]}" --out "$out/bench_4x30.json"
-step bench_ddp 200 python3 bench/throughput.py "${size[@]}" "${model[@]}" --layerdrop 0.1 --ddp \
-    --variants fast,fast+compile --out "$out/bench_ddp.json"
-grep -h "^|\|^batch\|torch " "$log" >> "$out/status.txt"
+# 3. The largest batch that fits an 80 GB card and this one, checkpointing off and on, 15 s utterances.
+if [[ "$device" == cuda ]]; then
+    step max_batch_15 100 python3 bench/throughput.py --max_batch --batch 16 --seconds 15 --steps 3 \
+        "${model[@]}" "${flex[@]}" --variants "$best" --out "$out/max_batch_15.json"
+fi
+
+# 4. Memory and speed at 4 x 30 s: stock against the best path.
+step bench_4x30 80 python3 bench/throughput.py "${common[@]}" "${long[@]}" "${model[@]}" "${flex[@]}" \
+    --variants "stock,$best" --out "$out/bench_4x30.json"
+
+# 5. The same search at 30 s utterances.
+if [[ "$device" == cuda ]]; then
+    step max_batch_30 90 python3 bench/throughput.py --max_batch --batch 8 --seconds 30 --steps 3 \
+        "${model[@]}" "${flex[@]}" --variants "$best" --out "$out/max_batch_30.json"
+fi
+
+# 6. The recipe itself through launch_ddp.sh with the large recipe's speed settings on the demo
+#    (nccl at world size 1; synced LayerDrop 0.1 and DDP with find_unused_parameters).
+attention=flex
+[[ "$best" == fast* ]] && attention=sdpa
+step launch_demo 120 ./launch_ddp.sh --debug --debug_batches=4 --debug_epochs=1 --noprogressbar \
+    --layerdrop=0.1 --precision=bf16 --compile_layers=True --compile_cnn=True --pad_frames_to=64 \
+    --attention=$attention --attention_dropout=0.0 --activation_checkpointing=True \
+    --output_folder="$work/demo" --wavlm_source="$work/wavlm-small"
+grep -h "^|\|^batch\|largest batch\|^torch " "$log" >> "$out/status.txt"
 rm -rf "$work"
 cat "$out/status.txt"

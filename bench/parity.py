@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
-"""The fast path computes what stock HF WavLM computes, on the device at hand:
-outputs and every parameter's gradient in fp32 (TF32 off), for the eager SDPA path
-and for the inductor-compiled layers. Exits 1 when a difference exceeds --tol.
+"""The fast paths compute what stock HF WavLM computes, on the device at hand:
+outputs and every parameter's gradient in fp32 (TF32 off), for the eager SDPA path,
+the inductor-compiled layers, FlexAttention (compiled) and activation
+checkpointing. Exits 1 when a difference exceeds --tol.
+
+FlexAttention has no backward on the CPU (torch 2.14): there its row compares the
+output alone (eager), and says so.
 
     python bench/parity.py                      # CUDA: WavLM-large's layer shapes, 4 layers
     python bench/parity.py --tiny --device cpu  # CPU rehearsal
@@ -11,6 +15,7 @@ shows it for CUDA's kernels (memory-efficient SDPA, Triton code from inductor).
 """
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +25,7 @@ from transformers import WavLMModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from throughput import PAD_FRAMES_TO, TINY, WAVLM_LARGE  # noqa: E402
-from wavlm_wrapper import WavLM, make_local_checkpoint  # noqa: E402
+from wavlm_wrapper import SpeechEncoder, make_local_checkpoint  # noqa: E402
 
 NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
                   layerdrop=0.0, apply_spec_augment=False)
@@ -45,21 +50,41 @@ def stock_forward(model, wav, lens):
     return out, model._get_feature_vector_attention_mask(out.shape[1], mask)
 
 
-def compare(folder, device, lengths):
+PATHS = {  # name: the encoder's settings
+    "fast (SDPA, eager)": dict(attention="sdpa"),
+    "fast + compiled layers": dict(attention="sdpa", compile_layers=True),
+    "fast + compiled layers + activation checkpointing": dict(attention="sdpa", compile_layers=True,
+                                                              activation_checkpointing=True),
+    "flex + compiled layers": dict(attention="flex", compile_layers=True),
+}
+
+
+def compare(folder, device, lengths, flex_kernel_options=None):
     torch.manual_seed(0)
     stock = WavLMModel.from_pretrained(folder, **NO_DROPOUT).to(device).train()
-    fast = WavLM(folder, freeze="none", normalize_wav=False, pad_frames_to=PAD_FRAMES_TO, **NO_DROPOUT)
-    compiled = WavLM(folder, freeze="none", normalize_wav=False, pad_frames_to=PAD_FRAMES_TO, compile_layers=True,
-                     **NO_DROPOUT)
-    fast, compiled = fast.to(device).train(), compiled.to(device).train()
     wav, lens = padded_batch(lengths, device)
     ref, frames = stock_forward(stock, wav, lens)
     weights = torch.randn(ref.shape, device=device)
     (ref * weights)[frames].sum().backward()
     rows = []
-    for name, model in (("fast (SDPA, eager)", fast), ("fast + compiled layers", compiled)):
-        out = model(wav, lens)
-        (out * weights)[frames].sum().backward()
+    for name, settings in PATHS.items():
+        flex_on_cpu = settings["attention"] == "flex" and device.type == "cpu"
+        if flex_on_cpu:  # no backward, and inductor's CPU flex template fails: eager forward only
+            settings = dict(settings, compile_layers=False)
+        model = SpeechEncoder(folder, freeze="none", normalize_wav=False, pad_frames_to=PAD_FRAMES_TO,
+                              flex_kernel_options=flex_kernel_options, **settings, **NO_DROPOUT)
+        model = model.to(device).train()
+        try:
+            if flex_on_cpu:
+                with torch.no_grad():
+                    out = model(wav, lens)
+                rows.append((name + " (CPU: output only)", relative_error(out[frames], ref[frames]), 0.0, "-"))
+                continue
+            out = model(wav, lens)
+            (out * weights)[frames].sum().backward()
+        except Exception as error:  # noqa: BLE001 - a failing path is a row, the others still run
+            rows.append((f"{name}: {type(error).__name__}: {str(error)[:300]}", float("inf"), float("inf"), "-"))
+            continue
         grads = dict(model.model.named_parameters())
         # k_proj.bias shifts every score of a query by the same amount, which softmax
         # ignores: its true gradient is zero and both sides hold rounding noise only.
@@ -75,6 +100,8 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="a toy model: CPU rehearsal")
     parser.add_argument("--layers", type=int, default=4, help="encoder layers of the model under test")
     parser.add_argument("--tol", type=float, default=1e-3, help="largest relative difference allowed")
+    parser.add_argument("--flex_kernel_options", type=json.loads, default=None,
+                        help="FlexAttention kernel_options as JSON")
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -82,7 +109,7 @@ def main(argv=None):
     lengths = [16000, 11000] if args.tiny else [64000, 41000, 23000]
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(make_local_checkpoint(Path(tmp) / "wavlm", config, seed=0))
-        rows = compare(folder, torch.device(args.device), lengths)
+        rows = compare(folder, torch.device(args.device), lengths, args.flex_kernel_options)
     print(f"parity with stock HF on {args.device}, fp32, lengths {lengths}, {args.layers} layers "
           f"(relative max difference: max|a - b| / max|b|)")
     print("| path | output | worst gradient | parameter |\n|---|---|---|---|")

@@ -17,7 +17,7 @@ def test_cpu_mode_writes_a_report_with_both_variants(tmp_path):
     assert [r["variant"] for r in report["results"]] == ["stock", "fast"]
     for result in report["results"]:
         assert result["audio_s_per_s"] > 0 and result["median_step_s"] > 0
-    assert report["results"][0]["speedup_vs_stock"] == 1.0
+    assert report["results"][0]["vs_stock"] == 1.0
     assert report["settings"]["tiny"] is True
 
 
