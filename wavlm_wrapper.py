@@ -190,6 +190,9 @@ class SpeechEncoder(nn.Module):
         if attention == "flex" and self.family != "wavlm":
             raise ConfigError(f"attention='flex' is WavLM's gated position bias; {source} is a {self.family!r} "
                               "model, which runs HF's own attention: set --attention=sdpa or eager")
+        if compile_cnn and freeze == "none":
+            raise ConfigError("compile_cnn compiles the frozen CNN (no backward), but freeze='none' trains it: "
+                              "set --compile_cnn=False or freeze the CNN (wavlm: freeze: cnn)")
         if attention == "flex" and attention_dropout > 0:
             raise ConfigError(f"attention='flex' has no attention dropout, but attention_dropout={attention_dropout}: "
                               "set --attention_dropout=0 or --attention=sdpa")

@@ -56,8 +56,8 @@ else
     long=(--batch 4 --seconds 30)
     parity=()
     probe=()
-    variants="stock,peer,fast+compile,flex+compile,flex+compile+cnn,ceiling+cnn"
-    best=flex+compile+cnn
+    variants="stock,peer,fast+compile,fast+compile+cnn,ceiling+cnn"
+    best=fast+compile+cnn
     device=cuda
 fi
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$work/inductor"  # shared by the steps: compile once per graph
@@ -65,19 +65,20 @@ python3 -c "import torch, transformers, speechbrain; print('torch', torch.__vers
 transformers.__version__, 'speechbrain', speechbrain.__version__)" >> "$log" 2>&1
 model=(--model_dir "$work/model")
 
-# 0. FlexAttention kernel options that fit this GPU's shared memory, fastest first.
+# 0. FlexAttention kernel options that fit this GPU's shared memory, fastest first
+#    (FLEX=1: measured 2026-11-30 on an H200, flex was slower than SDPA; see README Speed).
 flex=()
-if [[ "$mode" != "--cpu" ]]; then
+if [[ "$mode" != "--cpu" && "${FLEX:-0}" == 1 ]]; then
+    variants="$variants,flex+compile,flex+compile+cnn"
     step flex_options 100 python3 bench/flex_options.py "${probe[@]}" --out "$out/flex_options.json"
     options=$(python3 -c "import json; r = json.load(open('$out/flex_options.json'))
 print(json.dumps(r['best']) if any('median_s' in c for c in r['candidates']) else 'none')" 2>/dev/null)
     if [[ -z "$options" || "$options" == none ]]; then
         variants="stock,peer,fast+compile,fast+compile+cnn,ceiling+cnn"   # no flex kernel compiled here
-        best=fast+compile+cnn
     elif [[ "$options" != "null" ]]; then
         flex=(--flex_kernel_options "$options")
     fi
-    echo "flex kernel options: ${options:-none}; best path measured as $best" | tee -a "$out/status.txt" >> "$log"
+    echo "flex kernel options: ${options:-none}" | tee -a "$out/status.txt" >> "$log"
 fi
 
 # 1. Throughput at 8 x 15 s bf16, CNN frozen: stock, the peer patch, this recipe's paths, the ceiling.
@@ -89,7 +90,7 @@ step parity 110 python3 bench/parity.py "${parity[@]}" "${flex[@]}"
 
 # 3. The largest batch that fits an 80 GB card and this one, checkpointing off and on, 15 s utterances.
 if [[ "$device" == cuda ]]; then
-    step max_batch_15 100 python3 bench/throughput.py --max_batch --batch 16 --seconds 15 --steps 3 \
+    step max_batch_15 130 python3 bench/throughput.py --max_batch --batch 16 --seconds 15 --steps 3 \
         "${model[@]}" "${flex[@]}" --variants "$best" --out "$out/max_batch_15.json"
 fi
 
@@ -97,20 +98,20 @@ fi
 step bench_4x30 80 python3 bench/throughput.py "${common[@]}" "${long[@]}" "${model[@]}" "${flex[@]}" \
     --variants "stock,$best" --out "$out/bench_4x30.json"
 
-# 5. The same search at 30 s utterances.
+# 5. The recipe itself through launch_ddp.sh with the large recipe's speed settings on the demo
+#    (nccl at world size 1; synced LayerDrop 0.1 and DDP with find_unused_parameters; the demo's
+#    CNN trains, so compile_cnn, which compiles a frozen CNN, stays off).
+step launch_demo 90 ./launch_ddp.sh --debug --debug_batches=4 --debug_epochs=1 --noprogressbar \
+    --layerdrop=0.1 --precision=bf16 --compile_layers=True --pad_frames_to=64 \
+    --attention=sdpa --activation_checkpointing=True \
+    --output_folder="$work/demo" --wavlm_source="$work/wavlm-small"
+
+# 6. The same search at 30 s utterances.
 if [[ "$device" == cuda ]]; then
-    step max_batch_30 90 python3 bench/throughput.py --max_batch --batch 8 --seconds 30 --steps 3 \
+    step max_batch_30 120 python3 bench/throughput.py --max_batch --batch 8 --seconds 30 --steps 3 \
         "${model[@]}" "${flex[@]}" --variants "$best" --out "$out/max_batch_30.json"
 fi
 
-# 6. The recipe itself through launch_ddp.sh with the large recipe's speed settings on the demo
-#    (nccl at world size 1; synced LayerDrop 0.1 and DDP with find_unused_parameters).
-attention=flex
-[[ "$best" == fast* ]] && attention=sdpa
-step launch_demo 120 ./launch_ddp.sh --debug --debug_batches=4 --debug_epochs=1 --noprogressbar \
-    --layerdrop=0.1 --precision=bf16 --compile_layers=True --compile_cnn=True --pad_frames_to=64 \
-    --attention=$attention --attention_dropout=0.0 --activation_checkpointing=True \
-    --output_folder="$work/demo" --wavlm_source="$work/wavlm-small"
 grep -h "^|\|^batch\|largest batch\|^torch " "$log" >> "$out/status.txt"
 rm -rf "$work"
 cat "$out/status.txt"

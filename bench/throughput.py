@@ -274,12 +274,13 @@ def largest_batch(trainer, limit_gib, start, tries):
     """The most utterances per step that train within `limit_gib` of GPU memory: the
     allocator is capped at that size (as on a card of that size), then the batch grows
     from `start` by doubling and is bisected between the last fit and the first
-    failure. Returns (batch, tries used)."""
-    total = torch.cuda.get_device_properties(trainer.device).total_memory / 2**30
-    torch.cuda.set_per_process_memory_fraction(min(1.0, limit_gib / total), trainer.device)
+    failure, to within 1/16 of the batch. Returns (batch, tries used)."""
+    index = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit_gib / total), index)
     low, high, used = 0, None, 0
     batch = start
-    while used < tries and (high is None or high - low > 1):
+    while used < tries and (high is None or high - low > max(1, low // 16)):
         used += 1
         if trainer.fits(batch):
             low = batch
@@ -288,7 +289,7 @@ def largest_batch(trainer, limit_gib, start, tries):
         batch = low * 2 if high is None else (low + high) // 2
         if high is not None and batch <= low:
             break
-    torch.cuda.set_per_process_memory_fraction(1.0, trainer.device)
+    torch.cuda.set_per_process_memory_fraction(1.0, index)
     return low, used
 
 
@@ -299,7 +300,7 @@ def max_batch_report(variant, folder, args, device, dtype):
     rows = []
     trainer = Trainer(variant, folder, args, device, dtype)
     trainer.step(2)  # compile outside the search
-    card = torch.cuda.get_device_properties(device).total_memory / 2**30
+    card = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
     for checkpointing in (False, True):
         trainer.model.wavlm.activation_checkpointing = checkpointing
         name = variant + ("+ckpt" if checkpointing else "")
