@@ -122,6 +122,11 @@ def check_decoding(search, lm_text, charset):
     check_search(search)
     if search["mode"] == "greedy":
         return
+    try:
+        import flashlight.lib.text.decoder  # noqa: F401 - the beam search's decoder
+    except ImportError:
+        raise ConfigError("test_search: mode=beam needs flashlight-text, which is not installed: "
+                          "pip install -e '.[lm]' (or flashlight-text), or set --test_search='{mode: greedy}'") from None
     lm_path, lexicon = search.get("lm_path"), search.get("lexicon")
     if lexicon is not None and not Path(lexicon).is_file():
         raise ConfigError(f"test_search: lexicon={lexicon} does not exist: fix the path, or set it to null")

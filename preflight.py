@@ -159,6 +159,9 @@ def check_hparams(hparams, precision, device):
         raise ConfigError(f"precision={precision} is unknown: set --precision to one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and not str(device).startswith("cuda"):
         raise ConfigError(f"precision=fp16 needs a CUDA GPU (device is {device}): set --precision=bf16 or fp32")
+    if hparams.get("attention") == "flex" and not str(device).startswith("cuda"):
+        raise ConfigError(f"attention=flex needs a CUDA GPU (device is {device}; FlexAttention has no backward on "
+                          "the CPU): set --attention=sdpa")
     data_folder = Path(str(hparams["data_folder"]))
     if not data_folder.is_dir():
         raise ConfigError(f"data_folder={data_folder} does not exist: set --data_folder to the folder "

@@ -293,11 +293,11 @@ def largest_batch(trainer, limit_gib, start, tries):
     return low, used
 
 
-def max_batch_report(variant, folder, args, device, dtype):
+def max_batch_report(variant, folder, args, device, dtype, rows):
     """For `variant` with activation checkpointing off and on: the largest batch of
     `args.seconds` utterances that fits an 80 GB card and the card at hand, and the
-    throughput at the 80 GB batch."""
-    rows = []
+    throughput at the 80 GB batch. Each row is appended to `rows` and the report
+    written as soon as it is measured (a time limit keeps what was found)."""
     trainer = Trainer(variant, folder, args, device, dtype)
     trainer.step(2)  # compile outside the search
     card = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
@@ -312,10 +312,10 @@ def max_batch_report(variant, folder, args, device, dtype):
                    max_batch_card=fits_card, max_seconds_card=fits_card * args.seconds, tries_card=tries_card,
                    card_gib=card)
         rows.append(row)
+        write_report(args, device, rows)
         print(f"{name}: {args.seconds} s utterances, largest batch {fits_80} ({fits_80 * args.seconds:.0f} s) "
               f"on 80 GB, {fits_card} ({fits_card * args.seconds:.0f} s) on {card:.0f} GiB; "
               f"{row['audio_s_per_s']:.0f} audio-s/s at {fits_80}", flush=True)
-    return rows
 
 
 def profile_step(run_step, device):
@@ -379,7 +379,7 @@ def main(argv=None):
         for variant in args.variants.split(","):
             try:  # one variant that fails (a kernel, a compile) must not lose the others' figures
                 if args.max_batch:
-                    results += max_batch_report(variant, folder, args, device, dtype)
+                    max_batch_report(variant, folder, args, device, dtype, results)
                 else:
                     results.append(measure(variant, folder, args, device, dtype))
             except Exception as error:  # noqa: BLE001 - reported in the JSON and the table
@@ -398,8 +398,8 @@ def main(argv=None):
 def write_report(args, device, results):
     """The JSON report so far, with each row's ratios to stock, the peer and the ceiling."""
     timed = [r for r in results if "error" not in r]
-    for name in ("stock", "peer", "ceiling"):
-        ref = next((r for r in timed if r["variant"] == name), None)
+    for name in ("stock", "peer", "ceiling"):  # the ceiling may carry options (ceiling+cnn)
+        ref = next((r for r in timed if r["variant"].split("+")[0] == name), None)
         for r in timed:
             r[f"vs_{name}"] = r["audio_s_per_s"] / ref["audio_s_per_s"] if ref else None
             if name == "stock" and ref and ref["peak_mem_gib"]:

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import WavLMModel
 
-from wavlm_wrapper import WavLM
+from wavlm_wrapper import SpeechEncoder
 
 NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0)
 VOCAB = 6
@@ -45,14 +45,15 @@ def ctc_loss(log_probs, labels):
     return torch.nn.functional.ctc_loss(log_probs.transpose(0, 1), labels, frames, label_lens)
 
 
-def train(model_dir, steps, batch_per_rank, layerdrop, mode, find_unused, seed=0):
+def train(model_dir, steps, batch_per_rank, layerdrop, mode, find_unused, seed=0, checkpointing=False):
     """Train a few SGD steps; return the final parameters and, per step, the drop
     pattern, the layers left without gradient and the layers whose weights moved."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     torch.manual_seed(seed)
-    wavlm = WavLM(model_dir, layerdrop=layerdrop, layerdrop_mode=mode, layerdrop_seed=seed,
-                  apply_spec_augment=False, freeze="cnn", **NO_DROPOUT)
+    wavlm = SpeechEncoder(model_dir, layerdrop=layerdrop, layerdrop_mode=mode, layerdrop_seed=seed,
+                          apply_spec_augment=False, freeze="cnn", activation_checkpointing=checkpointing,
+                          **NO_DROPOUT)
     model = CTCModel(wavlm)
     net = DDP(model, find_unused_parameters=find_unused) if world > 1 else model
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

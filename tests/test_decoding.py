@@ -1,6 +1,7 @@
 """Beam search with an n-gram LM on made-up emissions, and every bad LM / lexicon
 setting stopped with one line before any decoding."""
 
+import sys
 import math
 from pathlib import Path
 
@@ -133,3 +134,11 @@ def test_tuned_weights_replace_the_yaml_ones(tmp_path):
     assert (settings["lm_weight"], settings["word_score"], settings["beam_size"]) == (1.5, -1.0, 20)
     assert search_settings(BEAM, tmp_path / "absent.yaml") == BEAM
     assert math.isfinite(settings["lm_weight"])
+
+
+def test_beam_search_without_flashlight_installed_stops_before_training_naming_the_extra(setup, monkeypatch):
+    tokenizer, lm, folder = setup
+    monkeypatch.setitem(sys.modules, "flashlight.lib.text.decoder", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"mode=beam needs flashlight-text.*\.\[lm\].*mode: greedy"):
+        check_decoding({**BEAM, "lm_path": lm}, None, set("".join(SENTENCES)))
+    check_decoding({**BEAM, "mode": "greedy"}, None, set())  # greedy needs no decoder

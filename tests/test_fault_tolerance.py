@@ -271,6 +271,7 @@ def hparams(tmp_path):
         ({"layerdrop_mode": "random"}, "fp32", "cpu", "layerdrop_mode=.random. is not one of synced, independent"),
         ({}, "fp8", "cpu", "precision=fp8 is unknown: set --precision"),
         ({}, "fp16", "cpu", "precision=fp16 needs a CUDA GPU"),
+        ({"attention": "flex"}, "bf16", "cpu", "attention=flex needs a CUDA GPU .*--attention=sdpa"),
         ({"data_folder": "/no/such/folder"}, "fp32", "cpu", "data_folder=/no/such/folder does not exist"),
         ({"hang_timeout_minutes": -1}, "fp32", "cpu", "hang_timeout_minutes=-1 is not a number of minutes"),
         ({"hang_timeout_minutes": "soon"}, "fp32", "cpu", "--hang_timeout_minutes=30"),
@@ -285,6 +286,7 @@ def test_invalid_hparams_fail_with_one_line_naming_the_key(hparams, change, prec
 def test_valid_hparams_pass(hparams):
     check_hparams(hparams, "bf16", "cpu")
     check_hparams(hparams, "fp16", "cuda:0")
+    check_hparams({**hparams, "attention": "flex"}, "bf16", "cuda:0")
 
 
 def test_an_output_folder_of_another_configuration_is_refused_unless_asked(tmp_path):

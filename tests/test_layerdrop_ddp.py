@@ -72,3 +72,15 @@ def test_the_cross_rank_check_passes_on_equal_drops_and_stops_on_a_mismatch(tmp_
     assert spawn("sync_check", tmp_path / "same", differ=False) == [None, None]
     for error in spawn("sync_check", tmp_path / "differ", differ=True):
         assert "ranks dropped different layers" in error and "--layerdrop_mode" in error
+
+
+def test_activation_checkpointing_trains_two_synced_ranks_exactly_as_without_it(tiny_wavlm_dir, tmp_path):
+    """Non-reentrant checkpointing under DDP with find_unused_parameters and synced
+    LayerDrop 0.5: the same drops, no gradient for the dropped layers, the same weights."""
+    ranks = spawn("train", tmp_path, model_dir=str(tiny_wavlm_dir), steps=STEPS, batch_per_rank=2,
+                  layerdrop=0.5, mode="synced", find_unused=True, checkpointing=True)
+    plain = train(str(tiny_wavlm_dir), steps=STEPS, batch_per_rank=4, layerdrop=0.5, mode="synced", find_unused=True)
+    for result in ranks:
+        assert [h["no_grad"] for h in result["history"]] == [h["drop"] for h in plain["history"]]
+        for name, value in plain["params"].items():
+            torch.testing.assert_close(result["params"][name], value, rtol=1e-4, atol=1e-5, msg=name)

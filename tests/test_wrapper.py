@@ -215,3 +215,91 @@ def test_the_sdpa_path_replaces_hfs_eager_attention_in_every_layer(tiny_wavlm_di
     assert calls == {"sdpa": fast.num_layers, "eager": 0}
     WavLM(str(tiny_wavlm_dir), attention="eager").eval()(*batch([8000, 6000]))
     assert calls == {"sdpa": fast.num_layers, "eager": fast.num_layers}
+
+
+def test_activation_checkpointing_gives_the_plain_outputs_and_every_gradient(tiny_wavlm_dir):
+    """Dropout on: the recomputation replays the same random masks (the RNG state is kept)."""
+    overrides = dict(layerdrop=0.5, apply_spec_augment=False, freeze="none", hidden_dropout=0.1,
+                     attention_dropout=0.1, activation_dropout=0.1)
+    plain = WavLM(str(tiny_wavlm_dir), **overrides).train()
+    checkpointed = WavLM(str(tiny_wavlm_dir), activation_checkpointing=True, **overrides).train()
+    wav, lens = batch([9600, 7000, 4000])
+    for step in range(3):
+        torch.manual_seed(step)
+        out_plain = plain(wav, lens, step=step)
+        torch.manual_seed(step)
+        out_checkpointed = checkpointed(wav, lens, step=step)
+        torch.testing.assert_close(out_checkpointed, out_plain, rtol=0, atol=0)
+        weights = torch.randn(out_plain.shape)
+        (out_plain * weights).sum().backward()
+        (out_checkpointed * weights).sum().backward()
+        for (name, p_plain), p_checkpointed in zip(plain.named_parameters(), checkpointed.parameters()):
+            if p_plain.grad is None:
+                assert p_checkpointed.grad is None, name
+            else:
+                torch.testing.assert_close(p_checkpointed.grad, p_plain.grad, rtol=1e-6, atol=1e-7, msg=name)
+        plain.zero_grad(set_to_none=True)
+        checkpointed.zero_grad(set_to_none=True)
+
+
+def test_activation_checkpointing_composes_with_inductor_compiled_layers(tiny_wavlm_dir):
+    overrides = dict(layerdrop=0.5, apply_spec_augment=False, freeze="none", **NO_DROPOUT)
+    eager = WavLM(str(tiny_wavlm_dir), **overrides).train()
+    compiled = WavLM(str(tiny_wavlm_dir), activation_checkpointing=True, compile_layers=True, pad_frames_to=64,
+                     **overrides).train()
+    for step, lengths in enumerate([[8000, 6000], [9600, 9600, 4000]]):
+        wav, lens = batch(lengths, seed=step)
+        out_eager, out_compiled = eager(wav, lens, step=step), compiled(wav, lens, step=step)
+        torch.testing.assert_close(out_compiled, out_eager, rtol=1e-4, atol=1e-5)
+        weights = torch.randn(out_eager.shape)
+        (out_eager * weights).sum().backward()
+        (out_compiled * weights).sum().backward()
+        for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled.parameters()):
+            if p_eager.grad is None:
+                assert p_compiled.grad is None, name
+            else:
+                torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("lengths", [[8000], [9600, 7000, 4000]])
+@pytest.mark.parametrize("pad_frames_to", [1, 64])
+def test_flex_attention_forward_matches_stock_hf(tiny_wavlm_dir, lengths, pad_frames_to):
+    """FlexAttention has no backward on the CPU (torch 2.14): the forward is proven
+    here, the gradients on a GPU by bench/parity.py."""
+    overrides = dict(layerdrop=0.0, apply_spec_augment=False, mask_time_prob=0.05, **NO_DROPOUT)
+    flex = WavLM(str(tiny_wavlm_dir), attention="flex", freeze="none", normalize_wav=False,
+                 pad_frames_to=pad_frames_to, **overrides).train()
+    stock = WavLMModel.from_pretrained(tiny_wavlm_dir, **overrides).train()
+    wav, lens = batch(lengths, seed=len(lengths))
+    with torch.no_grad():
+        out = flex(wav, lens)
+        ref, mask = _stock_forward(stock, wav, lens)
+    frames = stock._get_feature_vector_attention_mask(ref.shape[1], mask)
+    torch.testing.assert_close(out[frames], ref[frames], rtol=1e-4, atol=1e-5)
+
+
+def test_flex_attention_refuses_attention_dropout_and_other_families(tiny_wavlm_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"attention='flex' has no attention dropout.*--attention_dropout=0"):
+        WavLM(str(tiny_wavlm_dir), attention="flex", attention_dropout=0.1)
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    folder = tmp_path / "w2v"
+    Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 conv_dim=[16] * 7, num_conv_pos_embeddings=8,
+                                 num_conv_pos_embedding_groups=2)).save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"attention='flex' is WavLM's.*--attention=sdpa"):
+        WavLM(str(folder), attention="flex", attention_dropout=0.0)
+
+
+def test_compile_cnn_refuses_a_cnn_that_trains(tiny_wavlm_dir):
+    with pytest.raises(ValueError, match=r"compile_cnn compiles the frozen CNN.*--compile_cnn=False"):
+        WavLM(str(tiny_wavlm_dir), compile_cnn=True, freeze="none")
+
+
+def test_a_compiled_frozen_cnn_gives_the_eager_features_at_any_length(tiny_wavlm_dir):
+    overrides = dict(layerdrop=0.0, apply_spec_augment=False, freeze="cnn", **NO_DROPOUT)
+    eager = WavLM(str(tiny_wavlm_dir), **overrides).train()
+    compiled = WavLM(str(tiny_wavlm_dir), compile_cnn=True, **overrides).train()
+    for step, lengths in enumerate([[8000, 6000], [9600, 9600, 4000], [12000, 5000]]):
+        wav, lens = batch(lengths, seed=step)
+        torch.testing.assert_close(compiled(wav, lens, step=step), eager(wav, lens, step=step), rtol=1e-4, atol=1e-5)
