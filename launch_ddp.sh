@@ -8,10 +8,12 @@
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT on every node
 # (or RDZV_ENDPOINT=host:port for an elastic c10d rendezvous). NPROC_PER_NODE
 # overrides the number of processes per node. On one node the checks run once,
-# in one process, before torchrun starts the workers.
+# in one process, before torchrun starts the workers. PYTHON names the interpreter
+# (default: the python3 first on PATH, that is the active environment's).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${PYTHON:-python3}"
 max_restarts=0
 train_args=()
 while [[ $# -gt 0 ]]; do
@@ -22,7 +24,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+gpus=$("$python" -c "import torch; print(torch.cuda.device_count())")
 if [[ "$gpus" -gt 0 ]]; then
     nproc="${NPROC_PER_NODE:-$gpus}"
     backend=nccl
@@ -49,10 +51,10 @@ if [[ "$nnodes" -eq 1 && -z "${RDZV_ENDPOINT:-}" ]]; then
     # before any worker starts: an error is printed once, as the last line, with exit code 2.
     # The workers reuse the manifests' check (manifest_check_file), also after a restart.
     # With several nodes each node's workers check instead (rank 0 decides for all).
-    python3 "$here/train.py" "${train_args[@]}" --check_only --world_size="$nproc" || exit $?
+    "$python" "$here/train.py" "${train_args[@]}" --check_only --world_size="$nproc" || exit $?
     export WAVLM_RECIPE_CHECKED=1
 fi
 
-exec python3 -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc" \
+exec "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc" \
     --max-restarts="$max_restarts" "${rendezvous[@]}" \
     "$here/train.py" "${train_args[@]}" --distributed_backend="$backend"

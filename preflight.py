@@ -149,9 +149,51 @@ def check_layerdrop(layerdrop):
                           "such as 0.1 (0.0 disables LayerDrop)")
 
 
+# Numeric keys and what they must be: (lowest allowed, whether that bound is
+# excluded, integer?, an example value for the message). None: no value allowed.
+NUMBERS = {
+    "number_of_epochs": (1, False, True, 20),
+    "max_duration": (0, True, False, 20.0),
+    "min_samples": (1, False, True, 400),
+    "sample_rate": (1, False, True, 16000),
+    "duration_tolerance": (0, False, False, 0.1),
+    "vocab_size": (1, False, True, 40),
+    "batches_per_bucket": (1, False, True, 10),
+    "max_grad_norm": (0, True, False, 5.0),
+    "nonfinite_patience": (1, False, True, 3),
+    "ckpt_interval_minutes": (0, False, False, 30),
+    "ckpt_interval_steps": (0, False, True, 0),
+    "keep_latest_checkpoints": (1, False, True, 2),
+    "layerdrop_check_interval": (0, False, True, 100),
+    "lm_order": (1, False, True, 3),
+    "dynamic_batch_sampler.max_batch_length": (0, True, False, 200.0),
+    "dynamic_batch_sampler.num_buckets": (1, False, True, 60),
+}
+
+
+def check_numbers(hparams):
+    """Every numeric key in its range, before anything is built: one line naming
+    the key and a value that works (`--key=value`, or the nested form)."""
+    for name, (low, exclusive, integer, example) in NUMBERS.items():
+        outer, _, inner = name.partition(".")
+        if outer not in hparams or (inner and inner not in (hparams[outer] or {})):
+            continue
+        value = hparams[outer][inner] if inner else hparams[outer]
+        if value is None and name == "max_duration":
+            continue  # no length limit
+        kind = "an integer" if integer else "a number"
+        ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+        ok = ok and (value > low if exclusive else value >= low)
+        if not ok:
+            fix = f"--{outer}='{{{inner}: {example}}}'" if inner else f"--{name}={example}"
+            raise ConfigError(f"{name}={value!r} is not {kind} {'>' if exclusive else '>='} {low:g}: "
+                              f"set {fix}")
+
+
 def check_hparams(hparams, precision, device):
     """Checks of the YAML values (after command-line overrides), before anything
     is built or written."""
+    check_numbers(hparams)
     layerdrop = hparams["layerdrop"]
     check_layerdrop(layerdrop)
     check_choice("layerdrop_mode", hparams["layerdrop_mode"], LAYERDROP_MODES)

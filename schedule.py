@@ -12,6 +12,7 @@ audio at every step, so the same YAML trains the same model on any node.
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from preflight import ConfigError
@@ -55,10 +56,25 @@ class TrainingPlan:
                 f"steps per epoch x {len(self.steps_per_epoch)} epochs = {self.total_steps} optimizer steps")
 
 
-def make_plan(batches, global_seconds, max_batch_length, world_size, epochs, tolerance, max_duration):
-    """The plan for `batches`, a DynamicBatchSampler built with the per-rank length
-    from `derive_accumulation`; raises ConfigError when the run cannot reach its
-    global batch within `tolerance` (a fraction)."""
+def length_buckets(durations, num_buckets, per_rank, batches_per_bucket):
+    """Bucket boundaries (seconds) for the duration-batched sampler: quantiles of
+    the training durations, so that the buckets lie where the utterances are
+    (SpeechBrain's default spreads them over [0, max_batch_length], which for 200 s
+    batches of utterances under 20 s puts most of them where no utterance falls).
+    At most `num_buckets`, and few enough that each holds `batches_per_bucket`
+    batches per epoch: each bucket ends in a partial batch, which on a small
+    training set would take a large share of the audio."""
+    fits = int(sum(durations) / per_rank / batches_per_bucket)
+    buckets = max(1, min(num_buckets, fits))
+    quantiles = np.quantile(durations, np.arange(1, buckets + 1) / buckets, method="inverted_cdf")
+    return sorted({float(q) for q in quantiles})  # each boundary a real duration
+
+
+def make_plan(make_batches, num_buckets, global_seconds, max_batch_length, world_size, epochs, tolerance,
+              max_duration):
+    """The plan and the batches, from `make_batches(per_rank_seconds, num_buckets)`
+    (a DynamicBatchSampler factory); raises ConfigError when the run cannot reach its
+    global batch within `tolerance` (a fraction), naming fixes that would reach it."""
     accumulation, per_rank = derive_accumulation(global_seconds, max_batch_length, world_size)
     group = world_size * accumulation
     if max_duration and per_rank < max_duration:
@@ -66,25 +82,65 @@ def make_plan(batches, global_seconds, max_batch_length, world_size, epochs, tol
             f"global_batch_seconds={global_seconds:g} over {world_size} ranks leaves {per_rank:g} s per rank, "
             f"less than one utterance of max_duration={max_duration:g} s: raise --global_batch_seconds to "
             f"at least {world_size * max_duration:g}, or run on fewer GPUs")
-    steps_per_epoch, audio = [], 0.0
+    batches = make_batches(per_rank, num_buckets)
+    steps_per_epoch = []
     for epoch in range(1, epochs + 1):
         batches.set_epoch(epoch)
         steps_per_epoch.append(len(batches) // group)
-        if epoch == 1:
-            used = list(batches)[: steps_per_epoch[0] * group]
-            audio = sum(sum(batches.get_durations(b)) for b in used)
     if steps_per_epoch[0] == 0:
         raise ConfigError(
             f"the training set makes {len(batches)} batches of up to {per_rank:g} s, fewer than the "
             f"{group} one optimizer step needs: lower --global_batch_seconds (now {global_seconds:g})")
-    mean = audio / steps_per_epoch[0]
+    mean = step_audio(batches, group)
     if mean < (1 - tolerance) * global_seconds:
         raise ConfigError(
             f"batches of up to {per_rank:g} s per rank hold only {mean:.1f} s of audio per optimizer step "
             f"on average, {100 * (1 - mean / global_seconds):.0f} % short of global_batch_seconds="
-            f"{global_seconds:g} (global_batch_tolerance={tolerance}): short utterances do not fill such "
-            f"small batches; raise --global_batch_seconds, run on fewer GPUs, or raise --global_batch_tolerance")
-    return TrainingPlan(world_size, accumulation, per_rank, global_seconds, steps_per_epoch, mean)
+            f"{global_seconds:g} (global_batch_tolerance={tolerance}): "
+            + fill_fixes(make_batches, num_buckets, global_seconds, max_batch_length, world_size, tolerance, mean))
+    return TrainingPlan(world_size, accumulation, per_rank, global_seconds, steps_per_epoch, mean), batches
+
+
+def step_audio(batches, group):
+    """Mean seconds of audio per optimizer step of `group` batches, in epoch 1."""
+    batches.set_epoch(1)
+    steps = len(batches) // group
+    if steps == 0:
+        return 0.0
+    used = list(batches)[: steps * group]
+    return sum(sum(batches.get_durations(b)) for b in used) / steps
+
+
+def fill_fixes(make_batches, num_buckets, global_seconds, max_batch_length, world_size, tolerance, mean):
+    """Why the batches fall short, and each change that would fill them (each
+    tried on the same data): fewer length buckets (each bucket's last batch is
+    partial, which weighs on a small corpus), a larger per-rank batch (fewer GPUs,
+    or a larger global batch while the per-rank batch is under max_batch_length:
+    utterances fill large batches better), or a lower standard."""
+    def fills(global_s, ranks, buckets):
+        accumulation, per_rank = derive_accumulation(global_s, max_batch_length, ranks)
+        return step_audio(make_batches(per_rank, buckets), ranks * accumulation) >= (1 - tolerance) * global_s
+
+    fixes, cause = [], "utterances do not fill such small batches (each batch is sized for its bucket's longest)"
+    buckets = num_buckets // 2
+    while buckets >= 1:
+        if fills(global_seconds, world_size, buckets):
+            cause = (f"each of the length buckets ends in a partial batch (num_buckets={num_buckets}), "
+                     "which weighs on a training set this small")
+            fixes.append(f"set --dynamic_batch_sampler='{{num_buckets: {buckets}}}'")
+            break
+        buckets //= 2
+    per_rank = derive_accumulation(global_seconds, max_batch_length, world_size)[1]
+    if per_rank < max_batch_length:  # the per-rank batch can grow: more audio per batch fills it better
+        larger = world_size * max_batch_length
+        if fills(larger, world_size, num_buckets):
+            fixes.append(f"raise --global_batch_seconds to {larger:g} (a different recipe: larger steps)")
+        fewer = next((n for n in range(world_size - 1, 0, -1) if fills(global_seconds, n, num_buckets)), None)
+        if fewer:
+            fixes.append(f"run on {fewer} GPU(s)")
+    needed = math.ceil(100 * (1 - mean / global_seconds) + 1) / 100
+    fixes.append(f"raise --global_batch_tolerance to {needed:g}")
+    return f"{cause}; " + ", or ".join(fixes)
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):

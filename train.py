@@ -10,6 +10,7 @@ and `--precision` (fp32, fp16, bf16) reach DDP and autocast.
 """
 
 import collections
+import difflib
 import csv
 import dataclasses
 import logging
@@ -50,9 +51,9 @@ from preflight import (
 from schedule import (
     GlobalBatchSampler,
     check_schedule,
-    derive_accumulation,
     describe_schedule,
     learning_rate,
+    length_buckets,
     make_plan,
 )
 from training_curves import append_history, plot_history
@@ -62,6 +63,7 @@ from recipes.validate_manifest import (
     AudioLimits,
     empty_splits,
     fingerprint,
+    length_filter,
     load_check,
     read_manifest,
     report,
@@ -461,21 +463,24 @@ def load_audio(path, sample_rate):
 def read_datasets(hparams, bad_ids):
     """Train / valid / test DynamicItemDatasets sorted by duration, without the
     rows that failed validation (`bad_ids`, with skip_invalid) and, for train,
-    without utterances longer than max_duration."""
-    datasets = {}
+    without utterances longer than max_duration. Returns (datasets, the line that
+    says what max_duration left out, or None)."""
+    datasets, filtered = {}, None
     for split in ("train", "valid", "test"):
-        data = sb.dataio.dataset.DynamicItemDataset(
-            read_manifest(hparams[f"{split}_csv"], hparams["data_folder"], leave_out=bad_ids)
-        )
-        max_duration = hparams["max_duration"] if split == "train" else None
-        key_max = {"duration": max_duration} if max_duration else {}
-        datasets[split] = data.filtered_sorted(sort_key="duration", key_max_value=key_max)
-    return datasets
+        rows = read_manifest(hparams[f"{split}_csv"], hparams["data_folder"], leave_out=bad_ids)
+        if split == "train":
+            kept, filtered = length_filter(rows, hparams["max_duration"])
+            if rows and not kept:
+                raise ConfigError(f"the train split is empty: {filtered}; raise --max_duration")
+            rows = kept
+        data = sb.dataio.dataset.DynamicItemDataset(rows)
+        datasets[split] = data.filtered_sorted(sort_key="duration")
+    return datasets, filtered
 
 
 def dataio_prepare(hparams, tokenizer, bad_ids, datasets=None):
     """The datasets of `read_datasets` with the audio and text pipelines."""
-    datasets = datasets or read_datasets(hparams, bad_ids)
+    datasets = datasets or read_datasets(hparams, bad_ids)[0]
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
@@ -509,7 +514,7 @@ def validate_data(hparams):
                         for split, path in csvs.items() if not Path(path).is_file()), None)
         if not missing:
             limits = AudioLimits(hparams["sample_rate"], hparams["resample"], hparams["min_samples"],
-                                 hparams["max_duration"], hparams["duration_tolerance"])
+                                 hparams["duration_tolerance"])
             charset = training_charset(hparams["train_csv"])
             digest = fingerprint(csvs, hparams["data_folder"], limits, charset)
             saved = load_check(hparams["manifest_check_file"], digest)
@@ -538,16 +543,42 @@ def training_plan(hparams, train_data, world_size, run_opts):
     function of the data and the YAML, so every rank computes the same), and
     the global sequence of batches. In debug mode: the steps debug mode runs."""
     sampler_opts = dict(hparams["dynamic_batch_sampler"])
-    _, per_rank = derive_accumulation(hparams["global_batch_seconds"], sampler_opts["max_batch_length"], world_size)
-    batches = sb.dataio.sampler.DynamicBatchSampler(
-        train_data, length_func=lambda x: float(x["duration"]), **{**sampler_opts, "max_batch_length": per_rank}
-    )
-    plan = make_plan(batches, hparams["global_batch_seconds"], sampler_opts["max_batch_length"], world_size,
-                     hparams["number_of_epochs"], hparams["global_batch_tolerance"], hparams["max_duration"])
+    durations = [float(train_data.data[utt_id]["duration"]) for utt_id in train_data.data_ids]
+
+    def make_batches(per_rank, num_buckets):
+        boundaries = length_buckets(durations, num_buckets, per_rank, hparams["batches_per_bucket"])
+        return sb.dataio.sampler.DynamicBatchSampler(
+            train_data, length_func=lambda x: float(x["duration"]), bucket_boundaries=boundaries,
+            **{**sampler_opts, "max_batch_length": per_rank, "num_buckets": None})
+
+    plan, batches = make_plan(make_batches, sampler_opts["num_buckets"], hparams["global_batch_seconds"],
+                              sampler_opts["max_batch_length"], world_size, hparams["number_of_epochs"],
+                              hparams["global_batch_tolerance"], hparams["max_duration"])
     if run_opts.debug:  # SpeechBrain stops after debug_batches batches of debug_epochs epochs
         plan.steps_per_epoch = [min(steps, run_opts.debug_batches) for steps in plan.steps_per_epoch]
         plan.steps_per_epoch = plan.steps_per_epoch[: run_opts.debug_epochs]
     return plan, batches
+
+
+def load_hparams(hparams_file, overrides):
+    """The YAML with the command line's overrides; a missing file or a key the
+    YAML does not have is one ConfigError (a mistyped key names the closest one)."""
+    if not Path(hparams_file).is_file():
+        raise ConfigError(f"the hparams file {hparams_file} does not exist: give the path of a YAML file, "
+                          "such as hparams/wavlm_large_ctc.yaml")
+    try:
+        with open(hparams_file) as f:
+            return load_hyperpyyaml(f, overrides)
+    except KeyError as error:
+        message = str(error.args[0]) if error.args else ""
+        if not message.startswith("Override '"):
+            raise
+        key = message.split("'")[1]
+        with open(hparams_file) as f:
+            keys = [line.split(":")[0] for line in f if line[:1].isalpha() and ":" in line]
+        close = difflib.get_close_matches(key, keys, n=1)
+        hint = f"did you mean --{close[0]}?" if close else f"the keys are the top-level names in {hparams_file}"
+        raise ConfigError(f"--{key} is not a key of {hparams_file}: {hint}") from None
 
 
 def parse_args(argv):
@@ -608,7 +639,7 @@ def check_run(hparams, hparams_file, run_opts, overrides, flags, world_size):
     bad, digest, reused = validate_data(hparams)
     check_decoding(search_settings(hparams["test_search"], hparams["decoding_file"]), hparams.get("lm_text"),
                    training_charset(hparams["train_csv"]))
-    datasets = read_datasets(hparams, {row.utt_id for row in bad})
+    datasets, filtered = read_datasets(hparams, {row.utt_id for row in bad})
     plan, batches = training_plan(hparams, datasets["train"], world_size, run_opts)
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
@@ -621,7 +652,7 @@ def check_run(hparams, hparams_file, run_opts, overrides, flags, world_size):
     if if_main_process():
         # Printed by launch_ddp.sh's check already: then only the log file gets it.
         log = logger.debug if os.environ.get(CHECKED_ENV) and not flags["check_only"] else logger.info
-        for line in [plan.describe(), *describe_schedule(plan.total_steps, hparams["lr"], hparams["freeze_encoder"])]:
+        for line in [*([filtered] if filtered else []), plan.describe(), *describe_schedule(plan.total_steps, hparams["lr"], hparams["freeze_encoder"])]:
             log(line)
     return bad, datasets, plan, batches
 
@@ -635,8 +666,7 @@ def main(argv):
         print(f"rank {torch.distributed.get_rank()} of world size {torch.distributed.get_world_size()} "
               f"({run_opts.distributed_backend})", flush=True)
     world_size = torch.distributed.get_world_size() if distributed else flags["world_size"] or 1
-    with open(hparams_file) as f:
-        hparams = load_hyperpyyaml(f, overrides)
+    hparams = load_hparams(hparams_file, overrides)
     if not flags["check_only"]:
         check_shared_folders(hparams["output_folder"], hparams["data_folder"])
     bad, datasets, plan, batches = check_run(hparams, hparams_file, run_opts, overrides, flags, world_size)

@@ -19,7 +19,7 @@ import soundfile as sf
 logger = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("ID", "duration", "wav", "wrd")
 TAIL_FRAMES = 1024
-CHECK_VERSION = 2  # bump when the checks change, so saved results are not reused
+CHECK_VERSION = 3  # bump when the checks change, so saved results are not reused
 
 
 @dataclass(frozen=True)
@@ -38,20 +38,18 @@ class AudioLimits:
     sample_rate: int  # the model's rate
     resample: bool  # False: another rate is an error
     min_samples: int  # at the model's rate: shorter breaks the CNN
-    max_duration: float | None  # seconds; None: no limit
     duration_tolerance: float  # seconds the duration column may differ from the audio's real length
 
 
-def validate_manifests(csv_paths, data_root, limits, charset, max_duration_splits=("train",)):
+def validate_manifests(csv_paths, data_root, limits, charset):
     """Check the manifests {split: path}; return the list of BadRow.
 
     charset: the characters the tokenizer can encode (the training transcripts'
-    characters, as the tokenizer is trained on them). `limits.max_duration`
-    applies to the splits in `max_duration_splits` only.
+    characters, as the tokenizer is trained on them). A length limit
+    (max_duration) is a choice, not a data error: `length_filter` applies it.
     """
     bad, seen = [], {}
     for split, path in csv_paths.items():
-        max_duration = limits.max_duration if split in max_duration_splits else None
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
@@ -60,7 +58,7 @@ def validate_manifests(csv_paths, data_root, limits, charset, max_duration_split
                                   f"the header must have {', '.join(REQUIRED_COLUMNS)}"))
                 continue
             for line, row in enumerate(reader, start=2):
-                reasons = _row_problems(row, data_root, limits, max_duration, charset)
+                reasons = _row_problems(row, data_root, limits, charset)
                 if row["ID"] in seen:
                     reasons.append(f"duplicate ID, first at {seen[row['ID']]}")
                 seen.setdefault(row["ID"], f"{path}:{line}")
@@ -103,12 +101,28 @@ def empty_splits(csv_paths, bad_rows):
     return messages
 
 
+def length_filter(rows, max_duration):
+    """Leave out the utterances longer than `max_duration` seconds (None: none).
+    Returns (the rows kept, one line that says what was left out, or None)."""
+    if not max_duration:
+        return rows, None
+    kept = {utt_id: row for utt_id, row in rows.items() if row["duration"] <= max_duration}
+    dropped = len(rows) - len(kept)
+    if not dropped:
+        return kept, None
+    total = sum(row["duration"] for row in rows.values())
+    left = total - sum(row["duration"] for row in kept.values())
+    return kept, (f"max_duration={max_duration:g} s: left out {dropped} of {len(rows)} training utterances "
+                  f"({left / 3600:.2f} h of {total / 3600:.2f} h, {100 * left / total:.1f} % of the audio) "
+                  "longer than it")
+
+
 def training_charset(train_csv):
     with open(train_csv, newline="") as f:
         return set("".join(row.get("wrd") or "" for row in csv.DictReader(f)))
 
 
-def _row_problems(row, data_root, limits, max_duration, charset):
+def _row_problems(row, data_root, limits, charset):
     problems = []
     text = (row.get("wrd") or "").strip()
     if not text:
@@ -133,8 +147,6 @@ def _row_problems(row, data_root, limits, max_duration, charset):
     seconds = info.frames / info.samplerate
     if seconds * limits.sample_rate < limits.min_samples:
         problems.append(f"too short for the CNN: {seconds:.3f} s < {limits.min_samples} samples")
-    if max_duration is not None and seconds > max_duration:
-        problems.append(f"longer than max_duration ({seconds:.1f} s > {max_duration} s)")
     if stated is not None and abs(stated - seconds) > limits.duration_tolerance:
         problems.append(_duration_mismatch(stated, seconds, info.samplerate, limits))
     return problems

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny WavLM saved locally with save_pretrained (no download)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import TINY_CONFIG, save_tiny_wavlm  # noqa: E402
+
+# Scripts the tests start (launch_ddp.sh) run the interpreter that runs the tests,
+# also when its environment is not activated.
+os.environ.setdefault("PYTHON", sys.executable)
 
 
 @pytest.fixture(scope="session")

@@ -16,11 +16,18 @@ from speechbrain.utils.checkpoints import METAFNAME
 from ddp_worker import spawn
 from fault_tolerance import NonFiniteGuard, SafeCheckpointer
 from preflight import ConfigError, check_hparams, check_output_folder
-from recipes.validate_manifest import AudioLimits, empty_splits, read_manifest, training_charset, validate_manifests
-from train import dataio_prepare
+from recipes.validate_manifest import (
+    AudioLimits,
+    empty_splits,
+    length_filter,
+    read_manifest,
+    training_charset,
+    validate_manifests,
+)
+from train import dataio_prepare, read_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
-LIMITS = AudioLimits(sample_rate=16000, resample=True, min_samples=400, max_duration=2.0, duration_tolerance=0.1)
+LIMITS = AudioLimits(sample_rate=16000, resample=True, min_samples=400, duration_tolerance=0.1)
 
 
 def tone(seconds, rate=16000, channels=1):
@@ -79,12 +86,12 @@ def test_every_kind_of_bad_row_is_reported_with_file_row_and_reason(audio_dir):
     test = write_csv(audio_dir / "test.csv", [("t1", "$data_root/good.wav", "HÉLLO")])
     bad = validate_manifests({"train": train, "test": test}, audio_dir, LIMITS, training_charset(train))
     found = {(b.file.split("/")[-1], b.row, b.utt_id, b.reason.split(":")[0].split(" (")[0]) for b in bad}
+    assert "long" not in {b.utt_id for b in bad}  # a length limit filters; it is no data error
     assert found == {
         ("train.csv", 5, "gone", "missing file"),
         ("train.csv", 6, "corrupt", "unreadable or corrupt audio"),
         ("train.csv", 7, "cut", "unreadable or corrupt audio"),
         ("train.csv", 8, "short", "too short for the CNN"),
-        ("train.csv", 9, "long", "longer than max_duration"),
         ("train.csv", 10, "empty", "empty transcript"),
         ("train.csv", 11, "ok", "duplicate ID, first at " + str(train)),
         ("test.csv", 2, "t1", "characters the tokenizer cannot encode"),
@@ -120,14 +127,14 @@ def test_a_duration_within_the_tolerance_is_accepted(audio_dir):
 def test_empty_splits_are_named_with_their_row_count_and_causes(audio_dir):
     empty = audio_dir / "valid.csv"
     empty.write_text("ID,duration,wav,spk_id,wrd\n")
-    train = write_csv(audio_dir / "train.csv", [("a", "$data_root/long.wav", "HELLO"),
+    train = write_csv(audio_dir / "train.csv", [("a", "$data_root/garbage.wav", "HELLO"),
                                                 ("b", "$data_root/missing.wav", "HELLO")])
     test = write_csv(audio_dir / "test.csv", [("t", "$data_root/good.wav", "HELLO")])
     csvs = {"train": train, "valid": empty, "test": test}
     bad = validate_manifests(csvs, audio_dir, LIMITS, training_charset(train))
     assert empty_splits(csvs, bad) == [
         f"the train split is empty after leaving out bad rows: all 2 row(s) of {train} are bad "
-        "(longer than max_duration; missing file)",
+        "(missing file; unreadable or corrupt audio)",
         f"the valid split is empty: {empty} has no rows",
     ]
 
@@ -141,7 +148,7 @@ def test_the_manifest_reader_drops_left_out_rows_before_reading_their_duration(a
 
 def test_another_sample_rate_is_invalid_only_when_resampling_is_off(audio_dir):
     manifest = write_csv(audio_dir / "m.csv", [("rate", "$data_root/rate8k.wav", "HI")])
-    strict = AudioLimits(16000, resample=False, min_samples=400, max_duration=None, duration_tolerance=0.1)
+    strict = AudioLimits(16000, resample=False, min_samples=400, duration_tolerance=0.1)
     bad = validate_manifests({"train": manifest}, audio_dir, strict, {"H", "I"})
     assert [b.reason.split(" Hz")[0] for b in bad] == ["sample rate 8000"]
     assert validate_manifests({"train": manifest}, audio_dir, LIMITS, {"H", "I"}) == []
@@ -358,3 +365,23 @@ def test_when_no_checkpoint_loads_every_rank_stops_with_one_line_naming_the_fold
     for result in ranks:
         assert result["error"] == (f"no checkpoint in {tmp_path / 'save'} loads (3 damaged): pass "
                                    f"--overwrite=True to start afresh, or delete {tmp_path / 'save'}")
+
+
+def test_utterances_over_max_duration_are_left_out_of_training_with_one_line():
+    rows = {"a": {"duration": 1.0}, "b": {"duration": 2.5}, "c": {"duration": 3.0}, "d": {"duration": 2.0}}
+    kept, line = length_filter(rows, 2.0)
+    assert sorted(kept) == ["a", "d"]
+    assert line == ("max_duration=2 s: left out 2 of 4 training utterances (0.00 h of 0.00 h, 64.7 % of the audio) "
+                    "longer than it")
+    assert length_filter(rows, 3.0) == (rows, None)
+    assert length_filter(rows, None) == (rows, None)
+
+
+def test_a_train_split_left_empty_by_max_duration_stops_naming_the_key(audio_dir):
+    train = write_csv(audio_dir / "train.csv", [("l", "$data_root/long.wav", "HELLO")])
+    other = write_csv(audio_dir / "other.csv", [("g", "$data_root/good.wav", "HELLO")])
+    hparams = {"train_csv": train, "valid_csv": other, "test_csv": other, "data_folder": audio_dir,
+               "max_duration": 2.0}
+    with pytest.raises(ConfigError, match=r"the train split is empty: max_duration=2 s: left out 1 of 1 .*"
+                                          r"raise --max_duration"):
+        read_datasets(hparams, set())

@@ -1,5 +1,6 @@
 """From a finished run to transcripts, an HF export, curves and TensorBoard."""
 
+import sys
 import csv
 import re
 import subprocess
@@ -31,7 +32,7 @@ def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     out = tmp / "out"
     result = subprocess.run(
-        ["python3", str(ROOT / "train.py"), f"--output_folder={out}", f"--wavlm_source={tmp / 'wavlm-small'}",
+        [sys.executable, str(ROOT / "train.py"), f"--output_folder={out}", f"--wavlm_source={tmp / 'wavlm-small'}",
          "--number_of_epochs=2", "--global_batch_seconds=12", "--use_tensorboard=True", "--noprogressbar"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )

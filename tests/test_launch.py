@@ -2,6 +2,7 @@
 
 This is the CI smoke test, and the acceptance commands of the LayerDrop issue."""
 
+import sys
 import os
 import re
 import signal
@@ -150,7 +151,7 @@ def test_sharded_evaluation_on_two_ranks_gives_the_single_process_wer(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
     sharded = (out / "wer_test.txt").read_text()
-    one = subprocess.run(["python3", str(ROOT / "train.py"), *common, "--test_only"],
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, "--test_only"],
                          cwd=ROOT, env={**env, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, (one.stdout + one.stderr)[-3000:]
     single = (out / "wer_test.txt").read_text()
@@ -161,7 +162,7 @@ def test_sharded_evaluation_on_two_ranks_gives_the_single_process_wer(tmp_path):
 
 def run_train(tmp_path, *args):
     """train.py on one process (no torchrun), outputs under tmp_path."""
-    command = ["python3", str(ROOT / "train.py"), *args, f"--wavlm_source={tmp_path / 'wavlm-small'}",
+    command = [sys.executable, str(ROOT / "train.py"), *args, f"--wavlm_source={tmp_path / 'wavlm-small'}",
                "--noprogressbar"]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
@@ -172,6 +173,16 @@ def run_train(tmp_path, *args):
         (["--layerdrop=1.5"], "error: layerdrop=1.5 is outside [0, 1)"),
         (["--precision=fp16"], "error: precision=fp16 needs a CUDA GPU"),
         (["--data_folder=/no/such/place"], "error: data_folder=/no/such/place does not exist"),
+        (["--layerdorp=0.5"], "error: --layerdorp is not a key of " + str(ROOT / "hparams" / "demo.yaml")
+         + ": did you mean --layerdrop?"),
+        (["hparams/no_such.yaml"], "error: the hparams file hparams/no_such.yaml does not exist"),
+        (["--number_of_epochs=0"], "error: number_of_epochs=0 is not an integer >= 1: set --number_of_epochs="),
+        (["--global_batch_seconds=-5"], "error: global_batch_seconds=-5 is not a number of seconds > 0"),
+        (["--global_batch_tolerance=1.5"], "error: global_batch_tolerance=1.5 is not a fraction in [0, 1)"),
+        (["--dynamic_batch_sampler={max_batch_length: 0}"],
+         "error: dynamic_batch_sampler.max_batch_length=0 is not a number > 0"),
+        (["--max_duration=0"], "error: max_duration=0 is not a number > 0"),
+        (["--keep_latest_checkpoints=0"], "error: keep_latest_checkpoints=0 is not an integer >= 1"),
     ],
 )
 def test_invalid_hparams_stop_at_start_with_one_line_and_write_nothing(tmp_path, args, message):
@@ -316,3 +327,14 @@ def test_a_frozen_worker_makes_the_other_ranks_watchdog_restart_the_run(tmp_path
     assert "Thread 0x" in text or "Current thread 0x" in text  # the stacks follow the line
     assert re.search(r"resumed from checkpoint: epoch 1, batch \d+ of the epoch, optimizer step \d+", text)
     assert "test WER" in text
+
+
+def test_max_duration_leaves_longer_training_utterances_out_with_one_line_and_the_run_proceeds(tmp_path):
+    out = tmp_path / "out"
+    result = run_train(tmp_path, "--max_duration=1.5", "--check_only", "--world_size=2", f"--output_folder={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert ("max_duration=1.5 s: left out 760 of 800 training utterances (0.40 h of 0.42 h, 96.1 % of the audio) "
+            "longer than it") in output
+    assert "bad row" not in output
+    assert "checks passed for world size 2" in output

@@ -16,6 +16,7 @@ from schedule import (
     derive_accumulation,
     describe_schedule,
     learning_rate,
+    length_buckets,
     make_plan,
 )
 
@@ -78,10 +79,7 @@ def test_the_demo_plan_has_the_same_steps_and_batches_on_one_process_and_on_two_
         sort_key="duration")
 
     def plan(world_size):
-        accumulation, per_rank = derive_accumulation(24.0, 12.0, world_size)
-        batches = sb.dataio.sampler.DynamicBatchSampler(data, per_rank, num_buckets=10, seed=7,
-                                                        length_func=lambda x: x["duration"])
-        return make_plan(batches, 24.0, 12.0, world_size, 3, 0.25, 10.0), batches
+        return make_plan(demo_batches(data, seed=7), 10, 24.0, 12.0, world_size, 3, 0.25, 10.0)
 
     (one, batches_one), (two, batches_two) = plan(1), plan(2)
     assert (one.accumulation, two.accumulation) == (2, 1)
@@ -93,21 +91,67 @@ def test_the_demo_plan_has_the_same_steps_and_batches_on_one_process_and_on_two_
     assert "world size 2 x 12 s per rank x accumulation 1 = 24 s" in two.describe()
 
 
+def demo_batches(data, seed=0, batches_per_bucket=10):
+    """The recipe's sampler factory (train.training_plan) over `data`."""
+    durations = [float(data.data[i]["duration"]) for i in data.data_ids]
+
+    def make(per_rank, num_buckets):
+        boundaries = length_buckets(durations, num_buckets, per_rank, batches_per_bucket)
+        return sb.dataio.sampler.DynamicBatchSampler(data, per_rank, bucket_boundaries=boundaries, seed=seed,
+                                                     length_func=lambda x: x["duration"])
+    return make
+
+
 def test_a_global_batch_the_ranks_cannot_fill_stops_with_the_fix():
     data = sb.dataio.dataset.DynamicItemDataset(read_manifest(DEMO / "train.csv", DEMO))
-
-    def batches(per_rank):
-        return sb.dataio.sampler.DynamicBatchSampler(data, per_rank, num_buckets=10,
-                                                     length_func=lambda x: x["duration"])
-
+    make = demo_batches(data)
     with pytest.raises(ConfigError, match=r"leaves 1 s per rank, less than one utterance of max_duration=3 s: "
                                           r"raise --global_batch_seconds to at least 24"):
-        make_plan(batches(1.0), 8.0, 12.0, 8, 1, 0.25, 3.0)
-    with pytest.raises(ConfigError, match=r"% short of global_batch_seconds=24 \(global_batch_tolerance=0.05\)"):
-        make_plan(batches(3.0), 24.0, 12.0, 8, 1, 0.05, 3.0)  # 3 s batches of 1.4-2.7 s utterances
+        make_plan(make, 10, 8.0, 12.0, 8, 1, 0.25, 3.0)
     with pytest.raises(ConfigError, match=r"batches of up to 2000 s, fewer than the 64 one optimizer step needs: "
                                           r"lower --global_batch_seconds"):
-        make_plan(batches(2000.0), 128000.0, 2000.0, 64, 1, 0.25, None)
+        make_plan(make, 10, 128000.0, 2000.0, 64, 1, 0.25, None)
+
+
+def fill_error(*args):
+    with pytest.raises(ConfigError) as error:
+        make_plan(*args)
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def passes(*args):
+    make_plan(*args)
+    return True
+
+
+def test_a_batch_fill_error_names_only_fixes_that_fill_the_batches():
+    """Each suggested fix, applied to the same data, passes the check."""
+    data = sb.dataio.dataset.DynamicItemDataset(read_manifest(DEMO / "train.csv", DEMO))
+    # Many buckets over few batches (batches_per_bucket 1 lets all 10 through): fewer buckets is the fix.
+    few = demo_batches(data, batches_per_bucket=1)
+    message = fill_error(few, 40, 120.0, 60.0, 2, 1, 0.2, 10.0)
+    assert "each of the length buckets ends in a partial batch (num_buckets=40)" in message
+    buckets = int(message.split("num_buckets: ")[1].split("}")[0])
+    assert passes(few, buckets, 120.0, 60.0, 2, 1, 0.2, 10.0)
+    assert "raise --global_batch_seconds" not in message  # 60 s per rank is max_batch_length already
+    assert "run on" not in message  # one GPU would accumulate the same 60 s batches
+    # Small per-rank batches of 3 s utterances: a larger per-rank batch is the fix.
+    make = demo_batches(data)
+    message = fill_error(make, 10, 24.0, 12.0, 6, 1, 0.2, 3.0)  # 4 s batches of 1.4-2.7 s utterances
+    assert "utterances do not fill such small batches" in message and "num_buckets" not in message
+    assert "raise --global_batch_seconds to 72" in message and passes(make, 10, 72.0, 12.0, 6, 1, 0.2, 3.0)
+    gpus = int(message.split("run on ")[1].split(" GPU")[0])
+    assert gpus < 6 and passes(make, 10, 24.0, 12.0, gpus, 1, 0.2, 3.0)
+    tolerance = float(message.split("--global_batch_tolerance to ")[1])
+    assert passes(make, 10, 24.0, 12.0, 6, 1, tolerance, 3.0)
+
+
+def test_length_buckets_lie_at_the_durations_quantiles_and_leave_enough_batches_each():
+    durations = [1.0] * 50 + [2.0] * 50 + [4.0] * 100
+    assert length_buckets(durations, 4, per_rank=10.0, batches_per_bucket=1) == [1.0, 2.0, 4.0]
+    # 550 s of audio in 100 s batches: 5 batches, so one bucket keeps at least 5 of them.
+    assert length_buckets(durations, 60, per_rank=100.0, batches_per_bucket=5) == [4.0]
 
 
 def test_the_tri_stage_schedule_in_fractions_of_the_run():
@@ -162,7 +206,7 @@ def test_the_manifest_check_is_reused_until_a_manifest_or_an_audio_file_changes(
     audio.write_bytes((DEMO / "audio" / os.listdir(DEMO / "audio")[0]).read_bytes())
     manifest = tmp_path / "train.csv"
     manifest.write_text("ID,duration,wav,spk_id,wrd\nu1,1.0,$data_root/a.wav,s,HELLO\n")
-    limits = AudioLimits(16000, True, 400, 10.0, 0.1)
+    limits = AudioLimits(16000, True, 400, 0.1)
     digest = fingerprint({"train": manifest}, tmp_path, limits, set("HELO"))
     bad = [BadRow(str(manifest), 2, "u1", "duration column says 1, the audio lasts 2 s")]
     cache = tmp_path / "save" / "check.json"
@@ -176,7 +220,7 @@ def test_the_manifest_check_is_reused_until_a_manifest_or_an_audio_file_changes(
     touched = fingerprint({"train": manifest}, tmp_path, limits, set("HELO"))
     manifest.write_text(manifest.read_text().replace("HELLO", "HELO"))
     assert fingerprint({"train": manifest}, tmp_path, limits, set("HELO")) != touched
-    other_tolerance = AudioLimits(16000, True, 400, 10.0, 0.5)
+    other_tolerance = AudioLimits(16000, True, 400, 0.5)
     assert fingerprint({"train": manifest}, tmp_path, other_tolerance, set("HELO")) != touched
     assert load_check(cache, touched) is None
     cache.write_text(cache.read_text()[:20])  # torn

@@ -3,6 +3,7 @@ or 1: the same global batch, optimizer steps and learning rates; a checkpoint
 resumed on another world size continues the schedule; the checks run once,
 before the workers."""
 
+import sys
 import csv
 import os
 import re
@@ -167,7 +168,7 @@ def test_debug_runs_plan_the_same_global_batch_and_steps_on_one_and_two_ranks(tm
     plans = []
     for world_size in (1, 2):
         result = subprocess.run(
-            ["python3", str(ROOT / "train.py"), "--debug", "--check_only", f"--world_size={world_size}",
+            [sys.executable, str(ROOT / "train.py"), "--debug", "--check_only", f"--world_size={world_size}",
              f"--output_folder={tmp_path / str(world_size)}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         plans.append(plan_line(result.stdout + result.stderr))
