@@ -71,6 +71,8 @@ def export(output_folder, export_dir):
     else:
         processor = Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
     processor.save_pretrained(export_dir)
+    if search["mode"] == "beam" and search.get("lm_path"):
+        declare_lm_processor(export_dir, type(processor).__name__)
     shutil.copy(trained.tokenizer_path, export_dir / "sentencepiece.model")
     if search["mode"] == "beam" and search.get("lm_path"):
         # The recipe's own search settings, for transcribe.py exported/ --beam (the LM is pyctcdecode's copy).
@@ -78,6 +80,24 @@ def export(output_folder, export_dir):
         settings = {**search, "lm_path": str(lm_file.relative_to(export_dir)), "lexicon": None}
         (export_dir / DECODING_FILE).write_text(json.dumps(settings, indent=1))
     return export_dir
+
+
+def declare_lm_processor(export_dir, processor_class):
+    """Write `processor_class` into the feature extractor's settings, where HF's
+    `pipeline("automatic-speech-recognition", model=...)` looks to decide whether to
+    load the pyctcdecode decoder from `language_model/` (transformers 5: the feature
+    extractor's dict in processor_config.json, or preprocessor_config.json); without it
+    the pipeline decodes greedily. Hub models with an LM carry the same entry."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = Path(export_dir) / name
+        if not path.exists():
+            continue
+        settings = json.loads(path.read_text())
+        target = settings.get("feature_extractor", settings) if name == "processor_config.json" else settings
+        if name == "processor_config.json" and "feature_extractor" not in settings:
+            continue
+        target["processor_class"] = processor_class
+        path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def processor_with_lm(trained, search, extractor, tokenizer, pieces):

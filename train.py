@@ -22,14 +22,13 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import soundfile as sf
 import speechbrain as sb
 import torch
-import torchaudio
 import yaml
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main
 
+from audio import load_audio
 from decoding import CTCDecoder, check_decoding, search_settings
 from fault_tolerance import (
     NonFiniteGuard,
@@ -448,16 +447,6 @@ def check_layerdrop_in_sync(wavlm):
             f"{wavlm.last_drop}): layerdrop_mode=synced is broken; report it, or set "
             "--layerdrop_mode=independent"
         )
-
-
-def load_audio(path, sample_rate):
-    """Mono float32 audio at `sample_rate`: several channels are averaged, another
-    rate is resampled (the manifest check decides whether that is allowed)."""
-    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    audio = torch.from_numpy(audio).mean(dim=1)
-    if rate != sample_rate:
-        audio = torchaudio.functional.resample(audio, rate, sample_rate)
-    return audio
 
 
 def read_datasets(hparams, bad_ids):

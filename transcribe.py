@@ -4,6 +4,11 @@
     python transcribe.py results/demo/1986 a.wav b.flac           # prints "file<TAB>transcript"
     python transcribe.py results/demo/1986 --csv test.csv --out hyps.csv
     python transcribe.py exported/ a.wav                          # a folder written by export_hf.py
+    python transcribe.py results/demo/1986 recordings/ --list more.txt   # a folder's audio; a list file
+
+A file that cannot be read (missing, not audio, truncated) gets one line on stderr
+naming it and why; every other file is transcribed, and the exit status is 1 when
+some failed (2: the command itself is wrong).
 
 A run folder is code: its `hyperparams.yaml` rebuilds the model (hyperpyyaml can
 call any Python function named there), and the checkpoint with the best valid WER
@@ -30,10 +35,10 @@ import torch
 from hyperpyyaml import load_hyperpyyaml
 from transformers import AutoModelForCTC, Wav2Vec2FeatureExtractor
 
+from audio import AUDIO_ERRORS, audio_files, load_audio, read_error
 from decoding import CTCDecoder, search_settings
 from fault_tolerance import SafeCheckpointer
 from recipes.tokenizer import load_tokenizer
-from train import load_audio
 from wavlm_wrapper import normalize_waveforms
 
 # The feature extractor's settings are in processor_config.json (transformers 5) or
@@ -47,6 +52,7 @@ class Transcriber:
     `decoder` (decoding.CTCDecoder) is greedy unless `use_search` set another."""
 
     decoder = None
+    min_samples = 400  # the shortest input WavLM's CNN turns into one frame
 
     @torch.no_grad()
     def transcribe_batch(self, signals):
@@ -109,19 +115,29 @@ class Transcriber:
         return [torch.cat([frames for _, frames in sorted(parts, key=lambda p: p[0])]) for parts in kept]
 
     def transcribe_files(self, paths, batch_seconds=60.0, chunk_seconds=30.0, context_seconds=5.0):
-        """{path: transcript}: every file decoded once, from its joined frames."""
-        audios = []
+        """({path: transcript}, {path: why it failed}): every readable file decoded
+        once, from its joined frames; a file that cannot be read loses nothing else."""
+        audios, readable, failed = [], [], {}
         for path in paths:
-            audio = self.load(path)
+            try:
+                audio = self.load(path)
+            except AUDIO_ERRORS as error:
+                failed[path] = read_error(path, error)
+                continue
             if chunk_seconds <= 0 and len(audio) > batch_seconds * self.sample_rate:
-                raise ValueError(f"{path} is {len(audio) / self.sample_rate:.0f} s long, more than --batch_seconds="
-                                 f"{batch_seconds}: set --chunk_seconds (e.g. 30) to read it in windows")
+                failed[path] = (f"{len(audio) / self.sample_rate:.0f} s long, more than --batch_seconds="
+                                f"{batch_seconds}: set --chunk_seconds (e.g. 30) to read it in windows")
+                continue
+            if len(audio) < self.min_samples:
+                failed[path] = f"too short: {len(audio)} samples, the CNN needs {self.min_samples}"
+                continue
             audios.append(audio)
+            readable.append(path)
         texts = {}
-        for path, log_probs in zip(paths, self.file_log_probs(audios, batch_seconds, chunk_seconds,
-                                                              context_seconds)):
+        for path, log_probs in zip(readable, self.file_log_probs(audios, batch_seconds, chunk_seconds,
+                                                                 context_seconds)):
             texts[path] = self.decode(log_probs[None], torch.ones(1))[0]
-        return texts
+        return texts, failed
 
 
 class TrainedModel(Transcriber):
@@ -223,6 +239,21 @@ def open_model(folder, device="cpu"):
     return TrainedModel(folder, device)
 
 
+def expand_inputs(arguments, list_files):
+    """(key, path) per input: a file as given, a folder's audio files, the paths of
+    a list file (one per line; blank lines and # comments skipped)."""
+    items = []
+    for argument in arguments:
+        if Path(argument).is_dir():
+            items += [(path, path) for path in audio_files(argument)]
+        else:
+            items.append((argument, argument))
+    for list_file in list_files:
+        lines = Path(list_file).read_text().splitlines()
+        items += [(line.strip(), line.strip()) for line in lines if line.strip() and not line.startswith("#")]
+    return items
+
+
 def read_csv_paths(csv_path, data_root):
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -233,7 +264,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_folder", help="the output_folder of a training run, or a folder written "
                         "by export_hf.py (runs no YAML)")
-    parser.add_argument("audio", nargs="*", help="audio files (any rate, any channels)")
+    parser.add_argument("audio", nargs="*", help="audio files (any rate, any channels) or folders of them")
+    parser.add_argument("--list", action="append", default=[], help="a text file of audio paths, one per line")
     parser.add_argument("--csv", help="a manifest (ID, wav, ...) instead of files")
     parser.add_argument("--data_root", default=".", help="replaces $data_root in --csv")
     parser.add_argument("--out", help="write ID/file,transcript rows here (default: stdout)")
@@ -247,15 +279,24 @@ def main(argv=None):
     parser.add_argument("--lm_weight", type=float, help="with --beam: another LM weight")
     parser.add_argument("--word_score", type=float, help="with --beam: another word score")
     args = parser.parse_args(argv)
-    items = read_csv_paths(args.csv, args.data_root) if args.csv else [(a, a) for a in args.audio]
+    if args.csv:
+        items = read_csv_paths(args.csv, args.data_root)
+    else:
+        missing_lists = [path for path in args.list if not Path(path).is_file()]
+        if missing_lists:
+            parser.error(f"--list {missing_lists[0]} does not exist")
+        items = expand_inputs(args.audio, args.list)
     if not items:
-        parser.error("give audio files or --csv")
+        parser.error("give audio files, folders with audio files, --list or --csv")
     model = open_model(args.output_folder, args.device)
     if args.beam:
         model.use_search(args.lm_weight, args.word_score)
-    texts = model.transcribe_files([path for _, path in items], args.batch_seconds, args.chunk_seconds,
-                                   args.context_seconds)
-    rows = [(key, texts[path]) for key, path in items]
+    texts, failed = model.transcribe_files([path for _, path in items], args.batch_seconds, args.chunk_seconds,
+                                           args.context_seconds)
+    for key, path in items:
+        if path in failed:
+            print(f"error: {key}: {failed[path]}", file=sys.stderr)
+    rows = [(key, texts[path]) for key, path in items if path in texts]
     if args.out:
         with open(args.out, "w", newline="") as f:
             writer = csv.writer(f)
@@ -264,12 +305,15 @@ def main(argv=None):
     else:
         for key, text in rows:
             print(f"{key}\t{text}")
-    return rows
+    if failed:
+        print(f"{len(failed)} of {len(items)} file(s) could not be transcribed (listed above)", file=sys.stderr)
+    return rows, failed
 
 
 if __name__ == "__main__":
     try:
-        main()
+        _, failures = main()
     except (FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    sys.exit(1 if failures else 0)

@@ -1,7 +1,8 @@
 """From a finished run to transcripts, an HF export, curves and TensorBoard."""
 
-import sys
+import copy
 import csv
+import sys
 import re
 import subprocess
 from pathlib import Path
@@ -103,27 +104,58 @@ def concatenated(trained, split, count):
     return torch.cat([trained.load(DEMO / r["wav"].replace("$data_root/", "")) for r in rows]), rows
 
 
-def test_a_long_file_read_in_overlapping_windows_matches_the_whole_file(trained, tmp_path):
-    """45 s of demo utterances: windows of 10 s with 3 s of context on each side
-    against one forward pass over the whole file. Tolerance: at least 97 % of the
-    frames take the same most likely token (the windows see 3 s of context, not 45 s),
-    and the transcripts differ by at most 10 % of their characters (this 2-epoch model
-    was trained on 2-second utterances: on 45 s it emits sparse letters, where one
-    flipped frame is a whole character)."""
+def test_a_long_file_read_in_overlapping_windows_gives_exactly_the_frames_of_the_whole_file(trained, tmp_path):
+    """45 s of demo utterances, windows of 10 s with 3 s of context on each side, against
+    one pass over the whole file. The model here is one whose frames depend on nearby
+    samples only (the run's CNN, 400 samples wide, and a linear head: no transformer
+    layer, no whole-file normalisation), so the windowing must reproduce every frame to
+    float tolerance, whatever the model learned: every frame kept exactly once, from a
+    window that saw all the samples it needs."""
+    local = copy.copy(trained)
+    cnn = trained.wavlm.model.feature_extractor
+    torch.manual_seed(0)
+    head = torch.nn.Linear(cnn.conv_layers[-1].conv.out_channels, trained.tokenizer.vocab_size())
+    local.logits = lambda wavs, wav_lens: head(cnn(wavs).transpose(1, 2))
     audio, _ = concatenated(trained, "train", 24)
-    whole = trained.file_log_probs([audio], batch_seconds=100, chunk_seconds=0)[0]
-    windows = trained.file_log_probs([audio], batch_seconds=30, chunk_seconds=10, context_seconds=3)[0]
+    whole = local.file_log_probs([audio], batch_seconds=100, chunk_seconds=0)[0]
+    windows = local.file_log_probs([audio], batch_seconds=30, chunk_seconds=10, context_seconds=3)[0]
+    assert len(local.windows(audio, 10, 3)) == 5
     assert windows.shape == whole.shape  # every frame exactly once, none lost at a window edge
-    assert (windows.argmax(-1) == whole.argmax(-1)).float().mean() >= 0.97
-    texts = [trained.decode(frames[None], torch.ones(1))[0] for frames in (whole, windows)]
-    stats = ErrorRateStats(split_tokens=True)
-    stats.append(["long"], [list(texts[1])], [list(texts[0])])
-    assert texts[0] and stats.summarize("error_rate") <= 10.0
+    torch.testing.assert_close(windows, whole, rtol=1e-5, atol=1e-5)
     long_file = tmp_path / "long.wav"
-    sf.write(long_file, audio.numpy(), 16000)
-    assert trained.transcribe_files([long_file], 30, 10, 3)[long_file] == texts[1]
-    with pytest.raises(ValueError, match="long.wav is .* s long.*--chunk_seconds"):
-        trained.transcribe_files([long_file], batch_seconds=2, chunk_seconds=0)
+    sf.write(long_file, audio.numpy(), 16000, subtype="FLOAT")  # the same samples back
+    texts, failed = local.transcribe_files([long_file], 30, 10, 3)
+    assert failed == {} and texts[long_file] == local.decode(windows[None], torch.ones(1))[0]
+    texts, failed = trained.transcribe_files([long_file], batch_seconds=2, chunk_seconds=0)
+    assert texts == {} and re.match(r"\d+ s long, more than --batch_seconds=2: set --chunk_seconds", failed[long_file])
+
+
+def test_unreadable_files_are_named_on_stderr_and_every_other_file_is_transcribed(finished_run, tmp_path):
+    """A folder and a list file as inputs; a missing file, a file that is no audio and
+    a file too short for the CNN among good ones: the good ones are transcribed, each
+    bad one gets one line, and the exit status is 1."""
+    rows = list(csv.DictReader(open(DEMO / "test.csv", newline="")))[:3]
+    good = [str(DEMO / r["wav"].replace("$data_root/", "")) for r in rows]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.ogg").write_bytes(Path(good[0]).read_bytes())
+    (folder / "not_audio.wav").write_text("this is no audio\n")
+    (folder / "notes.txt").write_text("not an audio suffix: ignored\n")
+    sf.write(folder / "tiny.wav", np.zeros(100, dtype=np.float32), 16000)
+    listing = tmp_path / "more.txt"
+    listing.write_text(f"{good[1]}\n# a comment\n{tmp_path / 'missing.wav'}\n\n{good[2]}\n")
+    result = subprocess.run([sys.executable, str(ROOT / "transcribe.py"), str(finished_run[0]), str(folder),
+                             "--list", str(listing)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    printed = dict(line.split("\t") for line in result.stdout.splitlines())
+    assert sorted(printed) == sorted([str(folder / "a.ogg"), good[1], good[2]])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: {folder / 'not_audio.wav'}: not readable as audio " + errors[0].split("not readable as audio ")[1],
+        f"error: {folder / 'tiny.wav'}: too short: 100 samples, the CNN needs 400",
+        f"error: {tmp_path / 'missing.wav'}: no such file",
+    ]
+    assert "Traceback" not in result.stderr and "3 of 6 file(s) could not be transcribed" in result.stderr
 
 
 def test_a_five_minute_file_is_transcribed_with_beam_search_in_windows(trained, finished_run, tmp_path):
@@ -133,7 +165,9 @@ def test_a_five_minute_file_is_transcribed_with_beam_search_in_windows(trained, 
     assert len(audio) / 16000 >= 300
     long_file = tmp_path / "five_minutes.wav"
     sf.write(long_file, audio.numpy(), 16000)
-    [(name, text)] = transcribe_main([str(finished_run[0]), str(long_file), "--beam", "--batch_seconds", "60"])
+    [(name, text)], failed = transcribe_main([str(finished_run[0]), str(long_file), "--beam", "--batch_seconds",
+                                              "60"])
+    assert failed == {}
     model = TrainedModel(finished_run[0])
     model.use_search()
     frames = model.file_log_probs([model.load(long_file)], batch_seconds=60, chunk_seconds=30, context_seconds=5)[0]
@@ -163,8 +197,8 @@ def test_stereo_and_other_rates_are_loaded_like_training_audio(trained, tmp_path
     mono = trained.load(DEMO / row["wav"].replace("$data_root/", ""))
     stereo = tmp_path / "stereo.wav"
     sf.write(stereo, np.stack([mono.numpy()] * 2, axis=1), 16000)
-    result = trained.transcribe_files([stereo, DEMO / row["wav"].replace("$data_root/", "")])
-    assert len(set(result.values())) == 1
+    result, failed = trained.transcribe_files([stereo, DEMO / row["wav"].replace("$data_root/", "")])
+    assert failed == {} and len(result) == 2 and len(set(result.values())) == 1
 
 
 def test_exported_model_gives_the_recipes_logits_and_transcripts(trained, finished_run, tmp_path):
@@ -187,26 +221,36 @@ def test_exported_model_gives_the_recipes_logits_and_transcripts(trained, finish
 
 def test_the_export_carries_the_lm_and_its_processor_gives_the_recipes_beam_search_transcripts(
         finished_run, tmp_path):
-    """pyctcdecode (HF's Wav2Vec2ProcessorWithLM) and flashlight search differently (pyctcdecode
-    also scores words outside the lexicon, with a penalty), so the test asks for the same
-    transcript on at least 8 of 10 demo files from this weak 2-epoch model, and transcribe.py exported/ --beam (the
-    recipe's own search on the export) for exactly the run's. (The demo run: 48 of 50.)"""
+    """pyctcdecode (HF's Wav2Vec2ProcessorWithLM) must hold the run's LM, its words and its
+    weights (flashlight's lm_weight on log10 is alpha = lm_weight / ln 10), and its labels
+    must map the recipe's tokens: on emissions that spell test sentences, with one letter
+    made likelier to be wrong, it gives the sentence as the recipe's own search does. (On
+    a weak model's real logits the two searches may differ: they prune differently.)
+    `transcribe.py exported/ --beam`, the recipe's own search on the export, gives exactly
+    the run's transcripts."""
+    from test_decoding import emissions
+
     trained = TrainedModel(finished_run[0])
-    trained.use_search()
+    search = trained.use_search()
     export_dir = export(finished_run[0], tmp_path / "hf")
     processor = Wav2Vec2ProcessorWithLM.from_pretrained(export_dir)
-    model = WavLMForCTC.from_pretrained(export_dir).eval()
+    language_model = processor.decoder._language_model
+    assert language_model.alpha == pytest.approx(search["lm_weight"] / np.log(10))
+    assert language_model.beta == pytest.approx(search["word_score"])
+    assert language_model._unigram_set == set(trained.decoder.lexicon)
+    tokenizer = trained.tokenizer
     rows = list(csv.DictReader(open(DEMO / "test.csv", newline="")))[:10]
+    for row in rows:
+        pieces = tokenizer.encode_as_pieces(row["wrd"])
+        letter = next(i for i, p in enumerate(pieces) if p.isalpha())
+        wrong = next(piece for piece in map(tokenizer.id_to_piece, range(1, tokenizer.get_piece_size()))
+                     if piece.isalpha() and piece != pieces[letter])
+        frames = emissions(tokenizer, pieces, confusion={letter: wrong})
+        assert trained.decode(frames, torch.ones(1)) == [row["wrd"]]
+        assert processor.batch_decode(frames.numpy()).text == [row["wrd"]]
     paths = [str(DEMO / r["wav"].replace("$data_root/", "")) for r in rows]
     ours = [trained.transcribe_batch([trained.load(p)])[0] for p in paths]
-    theirs = []
-    for path in paths:
-        inputs = processor(trained.load(path).numpy(), sampling_rate=16000, return_tensors="pt")
-        with torch.no_grad():
-            logits = model(inputs.input_values).logits
-        theirs.append(processor.batch_decode(logits.numpy()).text[0])
-    assert sum(a.split() == b.split() for a, b in zip(ours, theirs)) >= 8, str(list(zip(ours, theirs)))
-    exported = transcribe_main([str(export_dir), *paths, "--beam"])
+    exported, _ = transcribe_main([str(export_dir), *paths, "--beam"])
     assert [text for _, text in exported] == ours
 
 
@@ -220,9 +264,9 @@ def test_an_exported_folder_transcribes_like_the_run_without_running_any_yaml(tr
     monkeypatch.setattr(transcribe, "load_hyperpyyaml", no_yaml)
     rows = list(csv.DictReader(open(DEMO / "test.csv", newline="")))[:6]
     paths = [str(DEMO / r["wav"].replace("$data_root/", "")) for r in rows]
-    exported = transcribe_main([str(export_dir), *paths])
+    exported, _ = transcribe_main([str(export_dir), *paths])
     monkeypatch.undo()
-    assert exported == list(trained.transcribe_files(paths).items())
+    assert exported == list(trained.transcribe_files(paths)[0].items())
     signal = trained.load(paths[0])
     torch.testing.assert_close(ExportedModel(export_dir).logits(signal[None], torch.ones(1)),
                                trained.logits(signal[None], torch.ones(1)), atol=2e-3, rtol=1e-3)
@@ -233,3 +277,29 @@ def test_a_folder_that_is_neither_a_run_nor_an_export_is_refused_naming_what_is_
     with pytest.raises(FileNotFoundError, match="lacks model.safetensors, sentencepiece.model: give a folder "
                                                 "written by export_hf.py"):
         transcribe.open_model(tmp_path)
+
+
+def test_hfs_one_line_pipeline_decodes_an_export_with_its_lm_without_arguments(finished_run, tmp_path):
+    """`pipeline("automatic-speech-recognition", model=export)`, as HF users run a model:
+    it must build the LM pipeline by itself and give exactly what the export's
+    Wav2Vec2ProcessorWithLM (pyctcdecode with the run's LM and weights) gives."""
+    from transformers import pipeline
+
+    export_dir = export(finished_run[0], tmp_path / "hf")
+    asr = pipeline("automatic-speech-recognition", model=str(export_dir), device="cpu")
+    assert asr.type == "ctc_with_lm" and asr.decoder is not None
+    processor = Wav2Vec2ProcessorWithLM.from_pretrained(export_dir)
+    model = WavLMForCTC.from_pretrained(export_dir).eval()
+    trained = TrainedModel(finished_run[0])
+    from pyctcdecode import BeamSearchDecoderCTC
+
+    decoder = BeamSearchDecoderCTC.load_from_dir(str(export_dir))
+    rows = list(csv.DictReader(open(DEMO / "test.csv", newline="")))[:5]
+    for row in rows:
+        signal = trained.load(DEMO / row["wav"].replace("$data_root/", "")).numpy()
+        inputs = processor(signal, sampling_rate=16000, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(inputs.input_values).logits
+        expected = processor.batch_decode(logits.numpy()).text[0]
+        assert asr({"raw": signal, "sampling_rate": 16000})["text"] == expected
+        assert decoder.decode_beams(logits[0].numpy())[0][0] == expected  # transformers 6: pyctcdecode alone

@@ -1,0 +1,27 @@
+# The two commands of a fresh machine (README): each installs what it needs into a
+# local virtual environment, once, then runs. GPU users install into their own
+# environment instead (README: Training on GPUs).
+#
+#   make demo    # the demo: a small WavLM fine-tuned by 2 CPU gloo processes
+#   make test    # the tests (CI: .ci/run)
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install
+
+demo: $(STAMP)
+	PYTHON=$(VENV)/bin/python ./launch_ddp.sh
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+install: $(STAMP)
+
+# torch and torchaudio pinned to the pair that works together on CPU (README).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q torch==2.14.1 torchaudio==2.11.0
+	$(VENV)/bin/python -m pip install -q -e ".[test,lm]"
+	touch $(STAMP)
