@@ -30,12 +30,12 @@ def librispeech_tree(root, counts):
     rows = list(csv.DictReader(open(DEMO / "train.csv", newline="")))
     data = root / "LibriSpeech"
     taken = 0
-    for split, count in counts.items():
-        chapter = data / split / "19" / "198"
+    for speaker, (split, count) in enumerate(counts.items(), start=19):
+        chapter = data / split / str(speaker) / "198"
         chapter.mkdir(parents=True)
         lines = []
         for i in range(count):
-            utt_id = f"19-198-{i:04d}"
+            utt_id = f"{speaker}-198-{i:04d}"
             if split == "train-clean-100" and i == 0:
                 parts = [load_audio(DEMO / r["wav"].replace("$data_root/", ""), 16000) for r in rows[:14]]
                 audio, text = torch.cat(parts)[: 25 * 16000], " ".join(r["wrd"] for r in rows[:14])
@@ -45,7 +45,7 @@ def librispeech_tree(root, counts):
                 audio, text = load_audio(DEMO / row["wav"].replace("$data_root/", ""), 16000), row["wrd"]
             sf.write(chapter / f"{utt_id}.flac", audio.numpy(), 16000)
             lines.append(f"{utt_id} {text}")
-        (chapter / "19-198.trans.txt").write_text("\n".join(lines) + "\n")
+        (chapter / f"{speaker}-198.trans.txt").write_text("\n".join(lines) + "\n")
     return data
 
 
