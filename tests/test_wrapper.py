@@ -21,6 +21,15 @@ def batch(lengths, seed=0):
     return wav, torch.tensor([n / longest for n in lengths])
 
 
+def assert_same_gradients(model, reference, rtol, atol):
+    """Every parameter of `model` has the gradient of `reference`'s (None where it has None)."""
+    for (name, p_model), p_reference in zip(model.named_parameters(), reference.parameters()):
+        if p_reference.grad is None:
+            assert p_model.grad is None, name
+        else:
+            torch.testing.assert_close(p_model.grad, p_reference.grad, rtol=rtol, atol=atol, msg=name)
+
+
 def test_overrides_from_yaml_are_in_effect_on_the_live_config(tiny_wavlm_dir):
     model = WavLM(
         str(tiny_wavlm_dir), layerdrop=0.3, apply_spec_augment=True, mask_time_prob=0.2,
@@ -174,11 +183,7 @@ def test_inductor_compiled_layers_train_like_eager_without_recompiling_per_patte
         weights = torch.randn(out_eager.shape)
         (out_compiled * weights).sum().backward()
         (out_eager * weights).sum().backward()
-        for (name, p_compiled), p_eager in zip(compiled.named_parameters(), eager.parameters()):
-            if p_eager.grad is None:
-                assert p_compiled.grad is None, name
-            else:
-                torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-3, atol=1e-4, msg=name)
+        assert_same_gradients(compiled, eager, rtol=1e-3, atol=1e-4)
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -233,11 +238,7 @@ def test_activation_checkpointing_gives_the_plain_outputs_and_every_gradient(tin
         weights = torch.randn(out_plain.shape)
         (out_plain * weights).sum().backward()
         (out_checkpointed * weights).sum().backward()
-        for (name, p_plain), p_checkpointed in zip(plain.named_parameters(), checkpointed.parameters()):
-            if p_plain.grad is None:
-                assert p_checkpointed.grad is None, name
-            else:
-                torch.testing.assert_close(p_checkpointed.grad, p_plain.grad, rtol=1e-6, atol=1e-7, msg=name)
+        assert_same_gradients(checkpointed, plain, rtol=1e-6, atol=1e-7)
         plain.zero_grad(set_to_none=True)
         checkpointed.zero_grad(set_to_none=True)
 
@@ -254,11 +255,7 @@ def test_activation_checkpointing_composes_with_inductor_compiled_layers(tiny_wa
         weights = torch.randn(out_eager.shape)
         (out_eager * weights).sum().backward()
         (out_compiled * weights).sum().backward()
-        for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled.parameters()):
-            if p_eager.grad is None:
-                assert p_compiled.grad is None, name
-            else:
-                torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-3, atol=1e-4, msg=name)
+        assert_same_gradients(compiled, eager, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("lengths", [[8000], [9600, 7000, 4000]])
