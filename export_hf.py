@@ -29,7 +29,7 @@ from pathlib import Path
 from transformers import AutoModelForCTC, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
 from decoding import CTCDecoder, search_settings
-from transcribe import TrainedModel
+from inference import TrainedModel
 
 SPM_WORD_MARK = "\u2581"  # SentencePiece's word-boundary piece
 DECODING_FILE = "decoding.json"  # test_search of the run, when it has an LM

@@ -22,7 +22,7 @@ from speechbrain.utils.metric_stats import ErrorRateStats
 from decoding import CTCDecoder
 from preflight import ConfigError
 from recipes.validate_manifest import read_manifest
-from transcribe import TrainedModel
+from inference import TrainedModel
 
 
 def valid_set(hparams):

@@ -26,7 +26,7 @@ from speechbrain.decoders.ctc import CTCBeamSearcher  # noqa: E402
 from speechbrain.utils.metric_stats import ErrorRateStats  # noqa: E402
 
 from decoding import SILENCE, CTCDecoder  # noqa: E402
-from transcribe import TrainedModel  # noqa: E402
+from inference import TrainedModel  # noqa: E402
 
 
 def main(argv=None):

@@ -282,6 +282,13 @@ def hparams(tmp_path):
         ({"data_folder": "/no/such/folder"}, "fp32", "cpu", "data_folder=/no/such/folder does not exist"),
         ({"hang_timeout_minutes": -1}, "fp32", "cpu", "hang_timeout_minutes=-1 is not a number of minutes"),
         ({"hang_timeout_minutes": "soon"}, "fp32", "cpu", "--hang_timeout_minutes=30"),
+        ({"max_duration": 0}, "fp32", "cpu", "max_duration=0 is not a number > 0: set --max_duration=20.0"),
+        ({"keep_latest_checkpoints": 0}, "fp32", "cpu", "keep_latest_checkpoints=0 is not an integer >= 1"),
+        ({"number_of_epochs": 2.5}, "fp32", "cpu", "number_of_epochs=2.5 is not an integer >= 1"),
+        ({"batches_per_bucket": True}, "fp32", "cpu", "batches_per_bucket=True is not an integer >= 1"),
+        ({"duration_tolerance": -0.1}, "fp32", "cpu", "duration_tolerance=-0.1 is not a number >= 0"),
+        ({"dynamic_batch_sampler": {"num_buckets": 0}}, "fp32", "cpu",
+         r"dynamic_batch_sampler.num_buckets=0 is not an integer >= 1: set --dynamic_batch_sampler='\{num_buckets: 60\}'"),
     ],
 )
 def test_invalid_hparams_fail_with_one_line_naming_the_key(hparams, change, precision, device, message):

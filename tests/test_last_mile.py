@@ -19,8 +19,9 @@ import tune_decoding
 import yaml
 from export_hf import export
 from preflight import ConfigError
-import transcribe
-from transcribe import ExportedModel, TrainedModel, main as transcribe_main
+import inference
+from inference import ExportedModel, TrainedModel
+from transcribe import main as transcribe_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo_data"
@@ -261,7 +262,7 @@ def test_an_exported_folder_transcribes_like_the_run_without_running_any_yaml(tr
     def no_yaml(*args, **kwargs):
         raise AssertionError("an exported folder must not run a YAML file")
 
-    monkeypatch.setattr(transcribe, "load_hyperpyyaml", no_yaml)
+    monkeypatch.setattr(inference, "load_hyperpyyaml", no_yaml)
     rows = list(csv.DictReader(open(DEMO / "test.csv", newline="")))[:6]
     paths = [str(DEMO / r["wav"].replace("$data_root/", "")) for r in rows]
     exported, _ = transcribe_main([str(export_dir), *paths])
@@ -276,7 +277,7 @@ def test_a_folder_that_is_neither_a_run_nor_an_export_is_refused_naming_what_is_
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="lacks model.safetensors, sentencepiece.model: give a folder "
                                                 "written by export_hf.py"):
-        transcribe.open_model(tmp_path)
+        inference.open_model(tmp_path)
 
 
 def test_hfs_one_line_pipeline_decodes_an_export_with_its_lm_without_arguments(finished_run, tmp_path):
