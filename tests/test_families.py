@@ -115,7 +115,7 @@ def test_each_familys_yaml_trains_on_two_gloo_ranks_with_layerdrop_and_exports_t
 
     from export_hf import export
     from helpers import free_port
-    from transcribe import ExportedModel, TrainedModel
+    from inference import ExportedModel, TrainedModel
 
     # wider than the recipes' 64-channel SpecAugment feature masks, which HF refuses on 32 channels
     fields = {**FAMILIES[RECIPES[recipe]], "hidden_size": 96, "intermediate_size": 192}
