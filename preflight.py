@@ -150,7 +150,8 @@ def check_layerdrop(layerdrop):
 
 
 # Numeric keys and what they must be: (lowest allowed, whether that bound is
-# excluded, integer?, an example value for the message). None: no value allowed.
+# excluded, integer?, an example value for the message). max_duration may also be
+# null (no length limit).
 NUMBERS = {
     "number_of_epochs": (1, False, True, 20),
     "max_duration": (0, True, False, 20.0),

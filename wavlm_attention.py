@@ -105,9 +105,6 @@ def flex_forward(self, hidden_states, attention_mask=None, position_bias=None, *
     time = hidden_states.shape[1]
     if position_bias is None:
         position_bias = relative_position_values(self, time)
-    if self.training and self.dropout > 0.0:
-        raise ValueError(f"attention: flex has no attention dropout, but attention_dropout={self.dropout}: "
-                         "set --attention_dropout=0 (or attention: sdpa)")
     gate, query, key, value = _project(self, hidden_states)
     gate = gate.squeeze(-1)
     table = position_bias

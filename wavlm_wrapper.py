@@ -238,9 +238,12 @@ class SpeechEncoder(nn.Module):
             limit = math.ceil(MAX_COMPILED_SECONDS * FRAMES_PER_SECOND / max(pad_frames_to, 64)) + 2
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
             self.layers = [torch.compile(layer, backend=compile_backend) for layer in self.layers]
-        self.cnn = self.model.feature_extractor
+        # A compiled function, not a module attribute: a registered copy of the CNN would
+        # add its parameters to the state dict a second time (checkpoints would change).
+        self._compiled_cnn = None
         if compile_cnn:
-            self.cnn = torch.compile(self.cnn, backend=compile_backend, dynamic=True)
+            self._compiled_cnn = torch.compile(self.model.feature_extractor.forward, backend=compile_backend,
+                                               dynamic=True)
         logger.info(
             f"{self.family} from {source}: {self.num_layers} layers, hidden {self.output_size}, "
             f"layerdrop={self.model.config.layerdrop} ({layerdrop_mode}), freeze={freeze}, "
@@ -347,7 +350,7 @@ class SpeechEncoder(nn.Module):
         `feat_extract_norm: group`) normalises over the whole time axis, padding
         included, so each utterance goes through it alone, on its real samples, as
         HF computes it without padding: the output does not depend on the batch."""
-        extractor = self.cnn
+        extractor = self._compiled_cnn or self.model.feature_extractor
         group_norm = getattr(self.model.config, "feat_extract_norm", "layer") == "group"  # data2vec: layer norm only
         if not group_norm or lengths is None or bool((lengths == wav.shape[1]).all()):
             return extractor(wav).transpose(1, 2)

@@ -300,3 +300,14 @@ def test_a_compiled_frozen_cnn_gives_the_eager_features_at_any_length(tiny_wavlm
     for step, lengths in enumerate([[8000, 6000], [9600, 9600, 4000], [12000, 5000]]):
         wav, lens = batch(lengths, seed=step)
         torch.testing.assert_close(compiled(wav, lens, step=step), eager(wav, lens, step=step), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"compile_cnn": True, "compile_layers": True, "attention": "flex",
+                                          "attention_dropout": 0.0, "activation_checkpointing": True}],
+                         ids=["plain", "every-speed-key"])
+def test_the_encoders_state_dict_is_hfs_model_whatever_the_speed_keys(tiny_wavlm_dir, options):
+    """Checkpoints hold the encoder's state dict: it must be HF's model under `model.`,
+    nothing more, so a run saved with other speed settings (or before they existed) loads."""
+    encoder = WavLM(str(tiny_wavlm_dir), **options)
+    keys = list(encoder.state_dict())
+    assert len(keys) == len(encoder.model.state_dict()) and keys == [f"model.{k}" for k in encoder.model.state_dict()]
