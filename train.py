@@ -249,7 +249,7 @@ class ASR(sb.Brain):
         self.audio_seconds += float(wav_lens.sum()) * wavs.shape[1] / self.hparams.sample_rate
         interval = self.hparams.layerdrop_check_interval
         if should_step and interval > 0 and self.optimizer_step % interval == 0:
-            check_layerdrop_in_sync(unwrap(self.modules.wavlm))
+            unwrap(self.modules.wavlm).layer_drop.check_in_sync()
         if should_step and if_main_process():
             self.log_step(loss)
 
@@ -284,7 +284,7 @@ class ASR(sb.Brain):
 
     def on_stage_start(self, stage, epoch=None):
         if stage == sb.Stage.TRAIN:
-            unwrap(self.modules.wavlm).reset_drop_counts()
+            unwrap(self.modules.wavlm).layer_drop.reset_counts()
             self.epoch_start, self.audio_seconds = time.time(), 0.0
             if self.device_type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -316,7 +316,7 @@ class ASR(sb.Brain):
             }
             wavlm = unwrap(self.modules.wavlm)
             if wavlm.layerdrop > 0:
-                logger.info(f"Epoch {epoch}: steps each layer was dropped: {wavlm.drop_counts}")
+                logger.info(f"Epoch {epoch}: steps each layer was dropped: {wavlm.layer_drop.counts}")
             return
         # Evaluation was sharded across ranks: merge the statistics of all ranks.
         metrics = [self.wer_metric, self.cer_metric]
@@ -429,24 +429,6 @@ def gather_eval_stats(brain, metrics):
         loss_sum = sum(rank[-1][0] for rank in gathered)
         count = sum(rank[-1][1] for rank in gathered)
     return loss_sum / max(count, 1)
-
-
-def check_layerdrop_in_sync(wavlm):
-    """In synced mode every rank must have dropped the same layers: compare the
-    last drop pattern across ranks with two tiny all-reduces."""
-    if wavlm.layerdrop_mode != "synced" or not torch.distributed.is_initialized():
-        return
-    code = sum(1 << i for i, d in enumerate(wavlm.last_drop) if d)
-    low = torch.tensor([code], dtype=torch.int64, device=collective_device())
-    high = low.clone()
-    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
-    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
-    if low.item() != high.item():
-        raise RuntimeError(
-            f"ranks dropped different layers (rank {torch.distributed.get_rank()}: "
-            f"{wavlm.last_drop}): layerdrop_mode=synced is broken; report it, or set "
-            "--layerdrop_mode=independent"
-        )
 
 
 def read_datasets(hparams, bad_ids):

@@ -48,7 +48,8 @@ from transformers import WavLMModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import wavlm_attention  # noqa: E402
-from wavlm_wrapper import SpeechEncoder, make_local_checkpoint  # noqa: E402
+from encoder_loading import make_local_checkpoint  # noqa: E402
+from wavlm_wrapper import SpeechEncoder  # noqa: E402
 
 WAVLM_LARGE = dict(
     hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,

@@ -68,9 +68,9 @@ def train(model_dir, steps, batch_per_rank, layerdrop, mode, find_unused, seed=0
         no_grad = [all(p.grad is None for p in layer.parameters()) for layer in layers]
         opt.step()
         moved = [not torch.equal(b, layer.feed_forward.output_dense.weight) for b, layer in zip(before, layers)]
-        history.append({"drop": list(wavlm.last_drop), "no_grad": no_grad, "moved": moved})
+        history.append({"drop": list(wavlm.layer_drop.last), "no_grad": no_grad, "moved": moved})
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"params": params, "history": history, "drop_counts": wavlm.drop_counts}
+    return {"params": params, "history": history, "drop_counts": wavlm.layer_drop.counts}
 
 
 def stock_hf_with_layerdrop(model_dir, layerdrop, steps=3):
@@ -132,24 +132,18 @@ def nonfinite_on_one_rank(patience):
     return {"decisions": decisions, "error": None}
 
 
-class _DropPattern:
-    """Stands in for the wrapper in the cross-rank check."""
-
-    layerdrop_mode = "synced"
-
-    def __init__(self, last_drop):
-        self.last_drop = last_drop
-
-
 def sync_check(differ):
     """Run the synced-drop check with equal patterns, or with rank 1 differing."""
-    from train import check_layerdrop_in_sync
+    from types import SimpleNamespace
 
-    drop = [False, True, False, True]
+    from layerdrop import LayerDrop
+
+    layer_drop = LayerDrop(SimpleNamespace(layerdrop=0.5), num_layers=4, mode="synced", seed=0)
+    layer_drop.last = [False, True, False, True]
     if differ and dist.get_rank() == 1:
-        drop = [False, False, True, True]
+        layer_drop.last = [False, False, True, True]
     try:
-        check_layerdrop_in_sync(_DropPattern(drop))
+        layer_drop.check_in_sync()
     except RuntimeError as error:
         return str(error)
     return None

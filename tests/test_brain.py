@@ -10,14 +10,14 @@ import torch
 from fault_tolerance import SafeCheckpointer
 from schedule import TrainingPlan, learning_rate
 from train import ASR
-from wavlm_wrapper import WavLM
+from wavlm_wrapper import SpeechEncoder
 
 LR = {"peak": 0.01, "warmup": 0.2, "hold": 0.0, "final_ratio": 0.1, "decay": "cosine"}
 
 
 @pytest.fixture
 def brain(tiny_wavlm_dir, tmp_path):
-    wavlm = WavLM(str(tiny_wavlm_dir), freeze="cnn", hidden_dropout=0.0, attention_dropout=0.0)
+    wavlm = SpeechEncoder(str(tiny_wavlm_dir), freeze="cnn", hidden_dropout=0.0, attention_dropout=0.0)
     head = sb.nnet.linear.Linear(input_size=wavlm.output_size, n_neurons=6)
     hparams = {
         "freeze_encoder": 0.2, "train_steps_file": tmp_path / "steps.csv", "log_softmax": sb.nnet.activations.Softmax(apply_log=True),

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from ddp_worker import spawn
-from wavlm_wrapper import WavLM, layerdrop_schedule
+from layerdrop import layerdrop_schedule
+from wavlm_wrapper import SpeechEncoder
 
 LAYERS = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, conv_dim=[16] * 7,
               num_conv_pos_embedding_groups=2, mask_time_prob=0.05)
@@ -49,7 +50,7 @@ def padded_batch(lengths, seed=0):
 def test_each_utterance_of_a_padded_batch_gets_what_hf_computes_for_it_alone(family_dir, train):
     """Outputs (and the greedy tokens of a random head) and every gradient."""
     overrides = dict(layerdrop=0.0, apply_spec_augment=False, mask_time_prob=0.05, **NO_DROPOUT)
-    ours = WavLM(str(family_dir), freeze="none", normalize_wav=False, **overrides).train(train)
+    ours = SpeechEncoder(str(family_dir), freeze="none", normalize_wav=False, **overrides).train(train)
     config = AutoConfig.from_pretrained(family_dir)
     for key, value in overrides.items():  # data2vec-audio's config has no apply_spec_augment field
         setattr(config, key, value)
@@ -93,8 +94,8 @@ def test_two_ranks_with_synced_layerdrop_drop_the_same_layers_and_stay_identical
 
 
 def test_masked_spec_embed_trains_only_when_specaugment_masks_time(family_dir):
-    off = WavLM(str(family_dir), apply_spec_augment=False, mask_time_prob=0.05)
-    on = WavLM(str(family_dir), apply_spec_augment=True, mask_time_prob=0.05)
+    off = SpeechEncoder(str(family_dir), apply_spec_augment=False, mask_time_prob=0.05)
+    on = SpeechEncoder(str(family_dir), apply_spec_augment=True, mask_time_prob=0.05)
     assert not off.model.masked_spec_embed.requires_grad and on.model.masked_spec_embed.requires_grad
     assert off.family == on.family == AutoConfig.from_pretrained(family_dir).model_type
 

@@ -6,7 +6,7 @@ import torch
 
 from ddp_worker import spawn, train
 from preflight import REDUCTION_ERROR
-from wavlm_wrapper import layerdrop_schedule
+from layerdrop import layerdrop_schedule
 
 STEPS = 4
 

@@ -10,17 +10,17 @@ from preflight import (
     pop_bool_flag,
     resolve_find_unused_parameters,
 )
-from wavlm_wrapper import WavLM
+from wavlm_wrapper import SpeechEncoder
 
 
 @pytest.fixture(scope="module")
 def with_layerdrop(tiny_wavlm_dir):
-    return WavLM(str(tiny_wavlm_dir), layerdrop=0.5)
+    return SpeechEncoder(str(tiny_wavlm_dir), layerdrop=0.5)
 
 
 @pytest.fixture(scope="module")
 def without_layerdrop(tiny_wavlm_dir):
-    return WavLM(str(tiny_wavlm_dir), layerdrop=0.0)
+    return SpeechEncoder(str(tiny_wavlm_dir), layerdrop=0.0)
 
 
 @pytest.mark.parametrize(

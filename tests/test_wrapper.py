@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import WavLMModel
 
-from wavlm_wrapper import WavLM, make_local_checkpoint
+from encoder_loading import make_local_checkpoint
+from wavlm_wrapper import SpeechEncoder
 
 NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0)
 
@@ -31,7 +32,7 @@ def assert_same_gradients(model, reference, rtol, atol):
 
 
 def test_overrides_from_yaml_are_in_effect_on_the_live_config(tiny_wavlm_dir):
-    model = WavLM(
+    model = SpeechEncoder(
         str(tiny_wavlm_dir), layerdrop=0.3, apply_spec_augment=True, mask_time_prob=0.2,
         mask_feature_prob=0.1, hidden_dropout=0.05, attention_dropout=0.07, activation_dropout=0.02,
     )
@@ -47,7 +48,7 @@ def test_overrides_from_yaml_are_in_effect_on_the_live_config(tiny_wavlm_dir):
 
 def test_loading_a_local_folder_gives_the_saved_weights(tiny_wavlm_dir):
     saved = WavLMModel.from_pretrained(tiny_wavlm_dir).state_dict()
-    loaded = WavLM(str(tiny_wavlm_dir), apply_spec_augment=True, mask_time_prob=0.05).model.state_dict()
+    loaded = SpeechEncoder(str(tiny_wavlm_dir), apply_spec_augment=True, mask_time_prob=0.05).model.state_dict()
     assert saved.keys() == loaded.keys()
     for name, tensor in saved.items():
         assert torch.equal(tensor, loaded[name]), name
@@ -61,7 +62,7 @@ def test_a_hub_id_loads_offline_from_a_filled_cache(tiny_wavlm_dir, tmp_path, mo
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abc")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = WavLM("someone/tiny-wavlm", save_path=str(tmp_path / "cache"))
+    model = SpeechEncoder("someone/tiny-wavlm", save_path=str(tmp_path / "cache"))
     reference = WavLMModel.from_pretrained(tiny_wavlm_dir)
     assert torch.equal(model.model.encoder.layers[0].attention.q_proj.weight,
                        reference.encoder.layers[0].attention.q_proj.weight)
@@ -77,7 +78,7 @@ def test_make_local_checkpoint_creates_once_and_keeps_an_existing_one(tmp_path, 
 
 @pytest.mark.parametrize("freeze", ["cnn", "all"])
 def test_a_frozen_cnn_runs_no_backward(tiny_wavlm_dir, freeze):
-    model = WavLM(str(tiny_wavlm_dir), freeze=freeze).train()
+    model = SpeechEncoder(str(tiny_wavlm_dir), freeze=freeze).train()
     cnn_outputs = []
     model.model.feature_extractor.register_forward_hook(lambda m, i, out: cnn_outputs.append(out))
     wav, lens = batch([8000, 6000])
@@ -93,7 +94,7 @@ def test_a_frozen_cnn_runs_no_backward(tiny_wavlm_dir, freeze):
 
 
 def test_nothing_frozen_trains_the_cnn(tiny_wavlm_dir):
-    model = WavLM(str(tiny_wavlm_dir), freeze="none").train()
+    model = SpeechEncoder(str(tiny_wavlm_dir), freeze="none").train()
     wav, lens = batch([8000, 6000])
     model(wav, lens).pow(2).mean().backward()
     assert model.model.feature_extractor.conv_layers[0].conv.weight.grad.abs().sum() > 0
@@ -101,7 +102,7 @@ def test_nothing_frozen_trains_the_cnn(tiny_wavlm_dir):
 
 def test_every_trainable_parameter_gets_a_gradient_with_layerdrop_0(tiny_wavlm_dir):
     """masked_spec_embed is unused without SpecAugment: it must not be trainable."""
-    model = WavLM(
+    model = SpeechEncoder(
         str(tiny_wavlm_dir), layerdrop=0.0, apply_spec_augment=False, mask_time_prob=0.05, freeze="none"
     ).train()
     assert not model.model.masked_spec_embed.requires_grad
@@ -114,19 +115,19 @@ def test_every_trainable_parameter_gets_a_gradient_with_layerdrop_0(tiny_wavlm_d
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
 def test_layerdrop_outside_0_1_is_refused_naming_the_key(tiny_wavlm_dir, bad):
     with pytest.raises(ValueError, match=r"layerdrop=.*outside \[0, 1\).*--layerdrop"):
-        WavLM(str(tiny_wavlm_dir), layerdrop=bad)
+        SpeechEncoder(str(tiny_wavlm_dir), layerdrop=bad)
 
 
 @pytest.mark.parametrize("key,value", [("layerdrop_mode", "random"), ("freeze", "cnn_only"), ("attention", "flash")])
 def test_unknown_choices_are_refused_naming_the_key(tiny_wavlm_dir, key, value):
     with pytest.raises(ValueError, match=f"{key}='{value}'.*--{key}"):
-        WavLM(str(tiny_wavlm_dir), **{key: value})
+        SpeechEncoder(str(tiny_wavlm_dir), **{key: value})
 
 
 @pytest.mark.parametrize("bad", [0, -64, 6.4, "64", True])
 def test_pad_frames_to_must_be_a_positive_integer_naming_the_key(tiny_wavlm_dir, bad):
     with pytest.raises(ValueError, match=r"pad_frames_to=.*not a positive integer.*--pad_frames_to"):
-        WavLM(str(tiny_wavlm_dir), pad_frames_to=bad)
+        SpeechEncoder(str(tiny_wavlm_dir), pad_frames_to=bad)
 
 
 def _stock_forward(stock, wav, lens):
@@ -140,7 +141,7 @@ def _stock_forward(stock, wav, lens):
 @pytest.mark.parametrize("pad_frames_to", [1, 64])
 def test_sdpa_path_matches_stock_hf_outputs_and_gradients(tiny_wavlm_dir, lengths, train, pad_frames_to):
     overrides = dict(layerdrop=0.0, apply_spec_augment=False, mask_time_prob=0.05, **NO_DROPOUT)
-    fast = WavLM(str(tiny_wavlm_dir), attention="sdpa", freeze="none", normalize_wav=False,
+    fast = SpeechEncoder(str(tiny_wavlm_dir), attention="sdpa", freeze="none", normalize_wav=False,
                  pad_frames_to=pad_frames_to, **overrides)
     stock = WavLMModel.from_pretrained(tiny_wavlm_dir, **overrides)
     fast.train(train)
@@ -169,9 +170,9 @@ def test_inductor_compiled_layers_train_like_eager_without_recompiling_per_patte
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     overrides = dict(layerdrop=0.5, apply_spec_augment=False, freeze="none", **NO_DROPOUT)
-    compiled = WavLM(str(tiny_wavlm_dir), compile_layers=True, compile_backend="inductor", pad_frames_to=64,
+    compiled = SpeechEncoder(str(tiny_wavlm_dir), compile_layers=True, compile_backend="inductor", pad_frames_to=64,
                      **overrides).train()
-    eager = WavLM(str(tiny_wavlm_dir), **overrides).train()
+    eager = SpeechEncoder(str(tiny_wavlm_dir), **overrides).train()
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (compiled, eager)]
     patterns = set()
     # 8000 samples are 24 frames, padded to 64; 24000 are 74, padded to 128.
@@ -187,7 +188,7 @@ def test_inductor_compiled_layers_train_like_eager_without_recompiling_per_patte
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        patterns.add(tuple(compiled.last_drop))
+        patterns.add(tuple(compiled.layer_drop.last))
     assert len(patterns) >= 3  # several drop patterns were trained
     # Every layer runs the same graph whatever is dropped and whatever the batch size:
     # one per padded length (64, 128 frames), and one for the batch of a single
@@ -215,10 +216,10 @@ def test_the_sdpa_path_replaces_hfs_eager_attention_in_every_layer(tiny_wavlm_di
 
     monkeypatch.setattr(wavlm_wrapper.F, "scaled_dot_product_attention", count_sdpa)
     monkeypatch.setattr(modeling_wavlm.WavLMAttention, "torch_multi_head_self_attention", count_eager)
-    fast = WavLM(str(tiny_wavlm_dir), attention="sdpa").eval()
+    fast = SpeechEncoder(str(tiny_wavlm_dir), attention="sdpa").eval()
     fast(*batch([8000, 6000]))
     assert calls == {"sdpa": fast.num_layers, "eager": 0}
-    WavLM(str(tiny_wavlm_dir), attention="eager").eval()(*batch([8000, 6000]))
+    SpeechEncoder(str(tiny_wavlm_dir), attention="eager").eval()(*batch([8000, 6000]))
     assert calls == {"sdpa": fast.num_layers, "eager": fast.num_layers}
 
 
@@ -226,8 +227,8 @@ def test_activation_checkpointing_gives_the_plain_outputs_and_every_gradient(tin
     """Dropout on: the recomputation replays the same random masks (the RNG state is kept)."""
     overrides = dict(layerdrop=0.5, apply_spec_augment=False, freeze="none", hidden_dropout=0.1,
                      attention_dropout=0.1, activation_dropout=0.1)
-    plain = WavLM(str(tiny_wavlm_dir), **overrides).train()
-    checkpointed = WavLM(str(tiny_wavlm_dir), activation_checkpointing=True, **overrides).train()
+    plain = SpeechEncoder(str(tiny_wavlm_dir), **overrides).train()
+    checkpointed = SpeechEncoder(str(tiny_wavlm_dir), activation_checkpointing=True, **overrides).train()
     wav, lens = batch([9600, 7000, 4000])
     for step in range(3):
         torch.manual_seed(step)
@@ -245,8 +246,8 @@ def test_activation_checkpointing_gives_the_plain_outputs_and_every_gradient(tin
 
 def test_activation_checkpointing_composes_with_inductor_compiled_layers(tiny_wavlm_dir):
     overrides = dict(layerdrop=0.5, apply_spec_augment=False, freeze="none", **NO_DROPOUT)
-    eager = WavLM(str(tiny_wavlm_dir), **overrides).train()
-    compiled = WavLM(str(tiny_wavlm_dir), activation_checkpointing=True, compile_layers=True, pad_frames_to=64,
+    eager = SpeechEncoder(str(tiny_wavlm_dir), **overrides).train()
+    compiled = SpeechEncoder(str(tiny_wavlm_dir), activation_checkpointing=True, compile_layers=True, pad_frames_to=64,
                      **overrides).train()
     for step, lengths in enumerate([[8000, 6000], [9600, 9600, 4000]]):
         wav, lens = batch(lengths, seed=step)
@@ -264,7 +265,7 @@ def test_flex_attention_forward_matches_stock_hf(tiny_wavlm_dir, lengths, pad_fr
     """FlexAttention has no backward on the CPU (torch 2.14): the forward is proven
     here, the gradients on a GPU by bench/parity.py."""
     overrides = dict(layerdrop=0.0, apply_spec_augment=False, mask_time_prob=0.05, **NO_DROPOUT)
-    flex = WavLM(str(tiny_wavlm_dir), attention="flex", freeze="none", normalize_wav=False,
+    flex = SpeechEncoder(str(tiny_wavlm_dir), attention="flex", freeze="none", normalize_wav=False,
                  pad_frames_to=pad_frames_to, **overrides).train()
     stock = WavLMModel.from_pretrained(tiny_wavlm_dir, **overrides).train()
     wav, lens = batch(lengths, seed=len(lengths))
@@ -277,7 +278,7 @@ def test_flex_attention_forward_matches_stock_hf(tiny_wavlm_dir, lengths, pad_fr
 
 def test_flex_attention_refuses_attention_dropout_and_other_families(tiny_wavlm_dir, tmp_path):
     with pytest.raises(ValueError, match=r"attention='flex' has no attention dropout.*--attention_dropout=0"):
-        WavLM(str(tiny_wavlm_dir), attention="flex", attention_dropout=0.1)
+        SpeechEncoder(str(tiny_wavlm_dir), attention="flex", attention_dropout=0.1)
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
     folder = tmp_path / "w2v"
@@ -285,18 +286,18 @@ def test_flex_attention_refuses_attention_dropout_and_other_families(tiny_wavlm_
                                  conv_dim=[16] * 7, num_conv_pos_embeddings=8,
                                  num_conv_pos_embedding_groups=2)).save_pretrained(folder)
     with pytest.raises(ValueError, match=r"attention='flex' is WavLM's.*--attention=sdpa"):
-        WavLM(str(folder), attention="flex", attention_dropout=0.0)
+        SpeechEncoder(str(folder), attention="flex", attention_dropout=0.0)
 
 
 def test_compile_cnn_refuses_a_cnn_that_trains(tiny_wavlm_dir):
     with pytest.raises(ValueError, match=r"compile_cnn compiles the frozen CNN.*--compile_cnn=False"):
-        WavLM(str(tiny_wavlm_dir), compile_cnn=True, freeze="none")
+        SpeechEncoder(str(tiny_wavlm_dir), compile_cnn=True, freeze="none")
 
 
 def test_a_compiled_frozen_cnn_gives_the_eager_features_at_any_length(tiny_wavlm_dir):
     overrides = dict(layerdrop=0.0, apply_spec_augment=False, freeze="cnn", **NO_DROPOUT)
-    eager = WavLM(str(tiny_wavlm_dir), **overrides).train()
-    compiled = WavLM(str(tiny_wavlm_dir), compile_cnn=True, **overrides).train()
+    eager = SpeechEncoder(str(tiny_wavlm_dir), **overrides).train()
+    compiled = SpeechEncoder(str(tiny_wavlm_dir), compile_cnn=True, **overrides).train()
     for step, lengths in enumerate([[8000, 6000], [9600, 9600, 4000], [12000, 5000]]):
         wav, lens = batch(lengths, seed=step)
         torch.testing.assert_close(compiled(wav, lens, step=step), eager(wav, lens, step=step), rtol=1e-4, atol=1e-5)
@@ -308,6 +309,6 @@ def test_a_compiled_frozen_cnn_gives_the_eager_features_at_any_length(tiny_wavlm
 def test_the_encoders_state_dict_is_hfs_model_whatever_the_speed_keys(tiny_wavlm_dir, options):
     """Checkpoints hold the encoder's state dict: it must be HF's model under `model.`,
     nothing more, so a run saved with other speed settings (or before they existed) loads."""
-    encoder = WavLM(str(tiny_wavlm_dir), **options)
+    encoder = SpeechEncoder(str(tiny_wavlm_dir), **options)
     keys = list(encoder.state_dict())
     assert len(keys) == len(encoder.model.state_dict()) and keys == [f"model.{k}" for k in encoder.model.state_dict()]

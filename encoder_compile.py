@@ -1,0 +1,46 @@
+"""torch.compile for the encoder: each encoder layer on its own (skipping a layer
+never changes a graph, and the layers share their code, hence their graphs: one per
+padded length), and the frozen CNN (dynamic in the number of samples)."""
+
+import math
+
+import torch
+
+# Compiled layers keep one graph per padded length; the recompile limit allows
+# lengths up to this many seconds (the CNN gives 50 frames per second).
+MAX_COMPILED_SECONDS = 60
+FRAMES_PER_SECOND = 50
+
+
+def compile_layers(layers, backend, pad_frames_to):
+    """The layers, each wrapped in torch.compile; raises the process-wide recompile
+    limit to the number of padded lengths up to MAX_COMPILED_SECONDS."""
+    limit = math.ceil(MAX_COMPILED_SECONDS * FRAMES_PER_SECOND / max(pad_frames_to, 64)) + 2
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    return [torch.compile(layer, backend=backend) for layer in layers]
+
+
+def compile_cnn(feature_extractor, backend):
+    """A compiled function of the CNN, not a module: a registered copy would add its
+    parameters to the state dict a second time (checkpoints would change)."""
+    return torch.compile(feature_extractor.forward, backend=backend, dynamic=True)
+
+
+def mark_shapes(hidden, frame_mask, position_bias, static_length):
+    """Tell torch.compile which sizes vary: the batch does (one graph for every
+    batch size); a padded length does not (one graph per length, with static
+    index arithmetic; a symbolic length made the fused bias kernels several times
+    slower on an H200). Unpadded lengths (pad_frames_to 1) are left to PyTorch's
+    automatic dynamic shapes: one graph per length would recompile every batch.
+    Sizes of 1 are specialised by PyTorch anyway."""
+    for tensor in (hidden, frame_mask):
+        if tensor is not None:
+            if tensor.shape[0] > 1:
+                torch._dynamo.mark_dynamic(tensor, 0)
+            if static_length:
+                torch._dynamo.mark_static(tensor, 1)
+    if position_bias is not None:
+        if static_length:
+            torch._dynamo.mark_static(position_bias)
+        else:
+            torch._dynamo.mark_static(position_bias, 0)  # the head count

@@ -1,0 +1,110 @@
+"""Loading an encoder of WavLM's family for fine-tuning: the argument checks, the
+demo's local checkpoint, the YAML's overrides written into the HF config (and
+verified after loading), and freezing.
+
+transformers is imported inside the functions: the settings checks that run before
+any worker starts (train.py --check_only) do not pay for importing it.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+import wavlm_attention
+from preflight import LAYERDROP_MODES, ConfigError, check_choice, check_layerdrop, check_positive_int
+
+# HF encoders the recipe drives (config.model_type): the same CNN + projection +
+# positional conv + encoder-layer loop; only WavLM has the gated relative position bias.
+FAMILIES = ("wavlm", "wav2vec2", "hubert", "data2vec-audio")
+FREEZE_CHOICES = ("none", "cnn", "all")
+ATTENTION_CHOICES = wavlm_attention.KINDS
+
+
+def check_arguments(layerdrop, layerdrop_mode, freeze, attention, attention_dropout, compile_cnn, pad_frames_to):
+    """The checks that need no model: one ConfigError naming the key and the fix."""
+    check_choice("layerdrop_mode", layerdrop_mode, LAYERDROP_MODES)
+    check_choice("freeze", freeze, FREEZE_CHOICES)
+    check_choice("attention", attention, ATTENTION_CHOICES)
+    check_layerdrop(layerdrop)
+    check_positive_int("pad_frames_to", pad_frames_to, 64)
+    if compile_cnn and freeze == "none":
+        raise ConfigError("compile_cnn compiles the frozen CNN (no backward), but freeze='none' trains it: "
+                          "set --compile_cnn=False or freeze the CNN (freeze: cnn)")
+    if attention == "flex" and attention_dropout > 0:
+        raise ConfigError(f"attention='flex' has no attention dropout, but attention_dropout={attention_dropout}: "
+                          "set --attention_dropout=0 or --attention=sdpa")
+
+
+def make_local_checkpoint(folder, config, seed):
+    """Save a randomly initialised model built from `config` (a dict of config fields;
+    `model_type` one of FAMILIES, default wavlm) to `folder` in the `save_pretrained`
+    layout, unless it is already there.
+
+    Under DDP the main process writes it while the others wait. It is written into
+    a temporary folder and renamed into place, so an interrupted save never leaves a
+    half-written checkpoint that a later run would take for a good one.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    folder = Path(folder)
+    distributed = torch.distributed.is_initialized()
+    if not (folder / "config.json").exists() and (not distributed or torch.distributed.get_rank() == 0):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        fields = dict(config)
+        model = AutoModel.from_config(AutoConfig.for_model(fields.pop("model_type", "wavlm"), **fields))
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        model.save_pretrained(tmp)
+        os.rename(tmp, folder)
+    if distributed:
+        torch.distributed.barrier()
+    return folder
+
+
+def load_model(source, save_path, overrides, attention):
+    """The HF model of `source` (hub id or save_pretrained folder) with `overrides`
+    (layerdrop, SpecAugment, dropouts) written into its config before it is built,
+    and checked on the live config after. WavLM loads with HF's eager attention,
+    which wavlm_attention then patches; the other families with `attention`."""
+    from transformers import AutoConfig, AutoModel, WavLMModel
+
+    config = AutoConfig.from_pretrained(source, cache_dir=save_path)
+    family = config.model_type
+    if family not in FAMILIES:
+        raise ConfigError(f"{source} is a {family!r} model; this recipe drives {', '.join(FAMILIES)}: "
+                          "set wavlm_source to one of those")
+    if attention == "flex" and family != "wavlm":
+        raise ConfigError(f"attention='flex' is WavLM's gated position bias; {source} is a {family!r} "
+                          "model, which runs HF's own attention: set --attention=sdpa or eager")
+    for key, value in overrides.items():  # on the config object: data2vec-audio's has no apply_spec_augment field
+        setattr(config, key, value)
+    if not hasattr(config, "mask_feature_min_masks"):
+        # WavLMConfig lacks it (transformers 5.24) although HF's WavLM reads it as soon as
+        # mask_feature_prob > 0: wav2vec 2.0's default (0) makes feature masking work.
+        config.mask_feature_min_masks = 0
+    if family == "wavlm":
+        model = WavLMModel.from_pretrained(source, config=config, cache_dir=save_path)
+    else:
+        model = AutoModel.from_pretrained(source, config=config, cache_dir=save_path, attn_implementation=attention)
+    for key, value in overrides.items():
+        live = getattr(model.config, key)
+        if live != value:
+            raise RuntimeError(f"{family} config {key} is {live} after loading, expected {value}")
+    return model
+
+
+def freeze_parts(model, freeze):
+    """Freeze the CNN (`cnn`: HF's own freezing, no backward through it) or the whole
+    model (`all`); and take `masked_spec_embed` out of training when SpecAugment never
+    masks time: it would get no gradient, and DDP without find_unused_parameters
+    dies on it even with layerdrop 0."""
+    if freeze in ("cnn", "all"):
+        model.feature_extractor._freeze_parameters()
+    if freeze == "all":
+        model.requires_grad_(False)
+    embed = getattr(model, "masked_spec_embed", None)
+    config = model.config
+    if embed is not None and not (config.apply_spec_augment and config.mask_time_prob > 0):
+        embed.requires_grad_(False)
