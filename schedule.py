@@ -43,10 +43,6 @@ class TrainingPlan:
     def total_steps(self):
         return sum(self.steps_per_epoch)
 
-    @property
-    def batches_per_step(self):
-        return self.world_size * self.accumulation
-
     def describe(self):
         steps = sorted(set(self.steps_per_epoch))
         per_epoch = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
@@ -141,6 +137,30 @@ def fill_fixes(make_batches, num_buckets, global_seconds, max_batch_length, worl
     needed = math.ceil(100 * (1 - mean / global_seconds) + 1) / 100
     fixes.append(f"raise --global_batch_tolerance to {needed:g}")
     return f"{cause}; " + ", or ".join(fixes)
+
+
+def resumed_batch(batch, saved, plan):
+    """Where a run resumes in its epoch from a checkpoint taken after `batch` local
+    batches by a run of another world size or accumulation.
+
+    Checkpoints are only taken at optimizer-step boundaries, so `batch` local batches
+    of A accumulated micro-batches are batch / A optimizer steps into the epoch on
+    any world size: the same global batches when the per-rank batch length is
+    unchanged (exact), otherwise the same number of steps of differently packed
+    batches. `saved` holds the checkpoint's world_size, accumulation and
+    per_rank_seconds. Returns (this run's batch, a warning or None)."""
+    old = (saved.get("world_size"), saved.get("accumulation"))
+    if batch == 0 or None in old or old == (plan.world_size, plan.accumulation):
+        return batch, None
+    steps_done = batch // old[1]
+    message = (f"resuming mid-epoch with world size {plan.world_size} x accumulation {plan.accumulation} "
+               f"from a checkpoint of world size {old[0]} x accumulation {old[1]}: {steps_done} optimizer "
+               "steps into the epoch")
+    saved_seconds = saved.get("per_rank_seconds", plan.per_rank_seconds)
+    if abs(saved_seconds - plan.per_rank_seconds) > 1e-6:
+        message += (f"; the per-rank batch changed ({saved_seconds:g} s -> {plan.per_rank_seconds:g} s), so the "
+                    "rest of this epoch is packed differently and may repeat or miss some utterances of it")
+    return steps_done * plan.accumulation, message
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):

@@ -24,7 +24,7 @@ from recipes.validate_manifest import (
     training_charset,
     validate_manifests,
 )
-from train import dataio_prepare, read_datasets
+from data import dataio_prepare, read_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = AudioLimits(sample_rate=16000, resample=True, min_samples=400, duration_tolerance=0.1)

@@ -225,3 +225,19 @@ def test_the_manifest_check_is_reused_until_a_manifest_or_an_audio_file_changes(
     assert load_check(cache, touched) is None
     cache.write_text(cache.read_text()[:20])  # torn
     assert load_check(cache, digest) is None
+
+
+def test_a_mid_epoch_checkpoint_of_another_world_size_resumes_after_the_same_optimizer_steps():
+    from schedule import TrainingPlan, resumed_batch
+
+    plan = lambda world, acc, seconds=12.0: TrainingPlan(world_size=world, accumulation=acc, per_rank_seconds=seconds,
+                                                         global_seconds=24.0, steps_per_epoch=[10],
+                                                         mean_step_seconds=20.0)
+    saved = {"world_size": 2, "accumulation": 1, "per_rank_seconds": 12.0}
+    assert resumed_batch(6, saved, plan(2, 1)) == (6, None)  # the same batching: unchanged
+    assert resumed_batch(0, saved, plan(1, 2)) == (0, None)  # the start of an epoch
+    assert resumed_batch(6, {}, plan(1, 2)) == (6, None)  # a checkpoint of older code: nothing to translate
+    batch, message = resumed_batch(6, saved, plan(1, 2))  # 6 steps of 2 ranks = 12 micro-batches of 1 process
+    assert batch == 12 and "6 optimizer steps into the epoch" in message and "packed differently" not in message
+    batch, message = resumed_batch(12, {"world_size": 1, "accumulation": 2, "per_rank_seconds": 12.0}, plan(4, 1, 6.0))
+    assert batch == 6 and "per-rank batch changed (12 s -> 6 s)" in message

@@ -312,3 +312,10 @@ def test_the_encoders_state_dict_is_hfs_model_whatever_the_speed_keys(tiny_wavlm
     encoder = SpeechEncoder(str(tiny_wavlm_dir), **options)
     keys = list(encoder.state_dict())
     assert len(keys) == len(encoder.model.state_dict()) and keys == [f"model.{k}" for k in encoder.model.state_dict()]
+
+
+def test_the_old_class_name_of_saved_yaml_files_still_builds_the_encoder(tiny_wavlm_dir):
+    """Run folders saved before the family was supported name `wavlm_wrapper.WavLM`."""
+    from wavlm_wrapper import WavLM
+
+    assert WavLM is SpeechEncoder and WavLM(str(tiny_wavlm_dir)).family == "wavlm"
