@@ -14,8 +14,9 @@ STAMP := $(VENV)/.installed
 demo: $(STAMP)
 	PYTHON=$(VENV)/bin/python ./launch_ddp.sh
 
+# Two pytest workers, each taking whole test modules (shared trained runs stay in one).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --durations=30
 
 install: $(STAMP)
 

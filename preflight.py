@@ -73,12 +73,7 @@ def resolve_find_unused_parameters(requested, distributed, wavlm):
     if not distributed:
         return bool(requested)
     if wavlm.unused_parameters_expected():
-        if requested is False:
-            raise ConfigError(
-                f"layerdrop={wavlm.layerdrop} skips encoder layers, whose parameters then get "
-                "no gradient, which DDP refuses: set --find_unused_parameters=True "
-                "(or leave it unset), or --layerdrop=0.0"
-            )
+        check_find_unused_parameters(requested, 2, wavlm.layerdrop, wavlm.freeze)
         if requested is None:
             logger.info(
                 f"find_unused_parameters=True set automatically: layerdrop={wavlm.layerdrop} "
@@ -92,6 +87,17 @@ def resolve_find_unused_parameters(requested, distributed, wavlm):
         )
         return True
     return False
+
+
+def check_find_unused_parameters(requested, world_size, layerdrop, freeze):
+    """Refuse, before any worker starts, DDP without find_unused_parameters when
+    LayerDrop leaves trainable layers without gradient."""
+    if requested is False and world_size > 1 and layerdrop > 0 and freeze != "all":
+        raise ConfigError(
+            f"layerdrop={layerdrop} skips encoder layers, whose parameters then get "
+            "no gradient, which DDP refuses: set --find_unused_parameters=True "
+            "(or leave it unset), or --layerdrop=0.0"
+        )
 
 
 def check_sharded_backend(layerdrop, env=None):

@@ -30,6 +30,7 @@ from decoding import CTCDecoder, check_decoding, search_settings
 from fault_tolerance import NonFiniteGuard, Watchdog, check_shared_folders, init_distributed, progress
 from preflight import (
     ConfigError,
+    check_find_unused_parameters,
     check_hparams,
     check_output_folder,
     explain_reduction_error,
@@ -272,6 +273,10 @@ def check_run(hparams, hparams_file, run_opts, overrides, flags, world_size):
     Returns (bad rows, train dataset, plan, global batch sequence)."""
     precision = run_opts.precision if "precision" in run_opts.overridden_args else hparams.get("precision", "fp32")
     check_hparams(hparams, precision, run_opts.device or sb.utils.distributed.infer_device())
+    if flags["find_unused_parameters"] is None and hparams.get("find_unused_parameters") is not None:
+        flags["find_unused_parameters"] = bool(hparams["find_unused_parameters"])
+    check_find_unused_parameters(flags["find_unused_parameters"], world_size, hparams["layerdrop"],
+                                 getattr(hparams["wavlm"], "keywords", {}).get("freeze", "cnn"))
     check_schedule(hparams)
     decide_output_folder(hparams, hparams_file, overrides, flags, run_opts.test_only)
     if hparams.get("prepare_data"):  # null: your own manifests
@@ -313,9 +318,6 @@ def main(argv):
     if flags["check_only"]:
         print(f"checks passed for world size {world_size}: settings, manifests, output folder", flush=True)
         return None
-    if flags["find_unused_parameters"] is None and hparams.get("find_unused_parameters") is not None:
-        flags["find_unused_parameters"] = bool(hparams["find_unused_parameters"])
-
     run_on_main(
         train_tokenizer,
         kwargs={
@@ -381,9 +383,16 @@ def main(argv):
     return asr
 
 
-if __name__ == "__main__":
+def run(argv):
+    """main(argv) as a command: 0 when it finished, 2 with one `error:` line on
+    stderr when a check refused the run."""
     try:
-        main(sys.argv[1:])
+        main(argv)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

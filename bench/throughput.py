@@ -127,14 +127,15 @@ class PeerCTC(StockCTC):
     """The simplest patch on HF's WavLM: need_weights=False, the CNN frozen with HF's
     `_freeze_parameters()`, each encoder layer compiled. Nothing of this recipe."""
 
-    def __init__(self, folder, layerdrop, cnn_trained):
+    def __init__(self, folder, layerdrop, cnn_trained, backend="inductor"):
         super().__init__(folder, layerdrop, cnn_trained)
         for layer in self.wavlm.encoder.layers:
             layer.attention.torch_multi_head_self_attention = types.MethodType(
                 _attention_without_weights, layer.attention)
         if not cnn_trained:
             self.wavlm.feature_extractor._freeze_parameters()
-        self.wavlm.encoder.layers = torch.nn.ModuleList(torch.compile(layer) for layer in self.wavlm.encoder.layers)
+        self.wavlm.encoder.layers = torch.nn.ModuleList(torch.compile(layer, backend=backend)
+                                                    for layer in self.wavlm.encoder.layers)
 
 
 def _attention_without_bias(self, hidden_states, attention_mask=None, position_bias=None, **kwargs):
@@ -150,10 +151,11 @@ class FastCTC(torch.nn.Module):
     compile and activation checkpointing."""
 
     def __init__(self, folder, layerdrop, cnn_trained, attention, compile_layers, checkpointing,
-                 compile_cnn=False, flex_kernel_options=None):
+                 compile_cnn=False, flex_kernel_options=None, backend="inductor"):
         super().__init__()
         self.wavlm = SpeechEncoder(folder, layerdrop=layerdrop, freeze="none" if cnn_trained else "cnn",
                                    attention=attention, compile_layers=compile_layers, compile_cnn=compile_cnn,
+                                   compile_backend=backend,
                                    pad_frames_to=PAD_FRAMES_TO, activation_checkpointing=checkpointing,
                                    flex_kernel_options=flex_kernel_options, **DROPOUTS)
         self.head = torch.nn.Linear(self.wavlm.output_size, VOCAB)
@@ -177,10 +179,10 @@ def build(variant, folder, args):
     if base == "stock":
         return StockCTC(folder, args.layerdrop, args.train_cnn)
     if base == "peer":
-        return PeerCTC(folder, args.layerdrop, args.train_cnn)
+        return PeerCTC(folder, args.layerdrop, args.train_cnn, args.compile_backend)
     attention = "flex" if base == "flex" else "sdpa"
     model = FastCTC(folder, args.layerdrop, args.train_cnn, attention, "compile" in options or base == "ceiling",
-                    "ckpt" in options, "cnn" in options, args.flex_kernel_options)
+                    "ckpt" in options, "cnn" in options, args.flex_kernel_options, args.compile_backend)
     if base == "ceiling":
         for layer in model.wavlm.model.encoder.layers:
             layer.attention.forward = types.MethodType(_attention_without_bias, layer.attention)
@@ -349,6 +351,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a toy model: CPU smoke mode")
+    parser.add_argument("--compile_backend", default="inductor",
+                        help="torch.compile backend of the compiled variants (aot_eager: no code generation)")
     parser.add_argument("--out", type=Path, default=Path("results/bench/throughput.json"))
     parser.add_argument("--model_dir", type=Path, default=None,
                         help="where the random-init model is saved once and reused (default: a temporary folder)")

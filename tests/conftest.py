@@ -26,3 +26,15 @@ def tiny_wavlm_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_config():
     return dict(TINY_CONFIG)
+
+
+# Modules that train through launch_ddp.sh first: `make test` spreads whole modules
+# over two pytest workers (pytest-xdist, --dist loadscope), and the long ones must
+# not be left for the end, when one worker would wait alone for them.
+LONG_MODULES = ["test_world_size.py", "test_last_mile.py", "test_restarts.py", "test_launch.py", "test_wrapper.py",
+                "test_layerdrop_ddp.py", "test_large_recipe.py", "test_families.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))

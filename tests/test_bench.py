@@ -16,7 +16,8 @@ def test_cpu_mode_measures_stock_the_peer_patch_this_recipe_and_the_ceiling_in_o
     out = tmp_path / "bench.json"
     variants = ["stock", "peer", "fast+ckpt", "ceiling"]
     throughput.main(["--tiny", "--device", "cpu", "--precision", "fp32", "--batch", "2", "--seconds", "1",
-                     "--warmup", "1", "--steps", "2", "--variants", ",".join(variants), "--out", str(out)])
+                     "--warmup", "1", "--steps", "2", "--compile_backend", "aot_eager", "--variants", ",".join(variants),
+                     "--out", str(out)])
     report = json.loads(out.read_text())
     assert [r["variant"] for r in report["results"]] == variants
     for result in report["results"]:
@@ -36,7 +37,7 @@ def test_flop_count_matches_the_wavlm_large_anchor():
 
 
 def test_the_peer_patch_is_hfs_model_with_need_weights_off_a_frozen_cnn_and_compiled_layers(tiny_wavlm_dir):
-    peer = throughput.PeerCTC(str(tiny_wavlm_dir), layerdrop=0.0, cnn_trained=False)
+    peer = throughput.PeerCTC(str(tiny_wavlm_dir), layerdrop=0.0, cnn_trained=False, backend="aot_eager")
     assert type(peer.wavlm).__name__ == "WavLMModel"  # HF's own model, nothing of this recipe
     assert not peer.wavlm.feature_extractor._requires_grad
     assert all(hasattr(layer, "_orig_mod") for layer in peer.wavlm.encoder.layers)  # torch.compile wrappers

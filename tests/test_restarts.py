@@ -1,0 +1,128 @@
+"""A run that survives its workers, through launch_ddp.sh --max-restarts on 2 CPU gloo
+processes: one run on a slice of the demo corpus is frozen (SIGSTOP: the other rank's
+watchdog restarts the group), then killed (SIGKILL: torchrun restarts it), and
+resumes from its last checkpoint each time; its folder then has its newest
+checkpoint damaged, and the next run falls back to the one before."""
+
+import csv
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "recipes" / "demo_data"
+ROWS = {"train": 240, "valid": 8, "test": 8}  # about 18 optimizer steps in the epoch
+
+
+def worker_pid(marker, rank):
+    """The pid of the torchrun worker of `rank` whose command line holds `marker`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if any(marker.encode() in part for part in cmdline) and f"RANK={rank}".encode() in environ \
+                and b"train.py" in b" ".join(cmdline):
+            return int(proc.name)
+    return None
+
+
+def checkpoints(out):
+    return {c.name for c in (out / "save").glob("CKPT+*") if (c / "CKPT.yaml").exists()}
+
+
+def wait_for(condition, process, log_path, timeout=600):
+    deadline = time.time() + timeout  # generous: a loaded CI machine starts slowly
+    while not condition():
+        assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def command(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("restarts")
+    args = []
+    for split, count in ROWS.items():
+        lines = (DEMO / f"{split}.csv").read_text().splitlines()
+        (folder / f"{split}.csv").write_text("\n".join(lines[: count + 1]) + "\n")
+        args.append(f"--{split}_csv={folder / f'{split}.csv'}")
+    return folder, [str(ROOT / "launch_ddp.sh"), "--max-restarts", "2", f"--output_folder={folder / 'run'}",
+                    f"--wavlm_source={folder / 'wavlm-small'}", "--noprogressbar", "--number_of_epochs=1",
+                    "--ckpt_interval_steps=2", "--hang_timeout_minutes=0.25", *args]
+
+
+@pytest.fixture(scope="module")
+def restarted_run(command):
+    """Rank 1 frozen after the first checkpoint, then killed after the first checkpoint
+    of the restarted group: (exit status, log, output folder)."""
+    folder, argv = command
+    out, log_path = folder / "run", folder / "run.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "MASTER_PORT": str(free_port())})
+        wait_for(lambda: checkpoints(out), process, log_path)
+        os.kill(worker_pid(str(out), rank=1), signal.SIGSTOP)
+        frozen_at = time.time()
+        wait_for(lambda: "watchdog: rank 0" in log_path.read_text(), process, log_path)
+        watchdog_after = time.time() - frozen_at
+        wait_for(lambda: "resumed from checkpoint" in log_path.read_text(), process, log_path)
+        seen = checkpoints(out)
+        wait_for(lambda: checkpoints(out) - seen, process, log_path)
+        os.kill(worker_pid(str(out), rank=1), signal.SIGKILL)
+        code = process.wait(timeout=600)
+    return code, log_path.read_text(), out, watchdog_after
+
+
+def test_a_frozen_worker_makes_the_other_ranks_watchdog_restart_the_run(restarted_run):
+    """SIGSTOP freezes rank 1 mid-epoch: rank 0 waits in a collective, its watchdog
+    fires after hang_timeout_minutes (15 s), torchrun ends the group and restarts it."""
+    code, text, _, watchdog_after = restarted_run
+    assert code == 0, text[-3000:]
+    assert watchdog_after < 60, text[-3000:]  # 15 s timeout, checked every 3.75 s
+    line = next(l for l in text.splitlines() if "watchdog: rank 0" in l)
+    assert "made no progress for" in line
+    assert re.search(r"last progress: (training step \d+|checkpoint saved)", line)
+    assert "Thread 0x" in text or "Current thread 0x" in text  # the stacks follow the line
+
+
+def test_a_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpoint(restarted_run):
+    code, text, out, _ = restarted_run
+    assert code == 0, text[-3000:]
+    resumed = re.findall(r"resumed from checkpoint: epoch 1, batch (\d+) of the epoch, optimizer step (\d+)", text)
+    assert len(resumed) == 2, text[-3000:]  # after the watchdog, then after the kill
+    steps = [int(step) for _, step in resumed]
+    assert 0 < steps[0] < steps[1] and all(step % 2 == 0 for step in steps)
+    per_epoch = int(re.search(r"(\d+) optimizer steps per epoch", text).group(1))
+    final = int(re.search(r"epoch 1: train loss .*\(optimizer step (\d+)\)", text).group(1))
+    assert final == per_epoch  # nothing skipped, nothing counted twice
+    with open(out / "train_steps.csv", newline="") as f:
+        logged = [int(row["step"]) for row in csv.DictReader(f)]
+    assert sorted(set(logged)) == list(range(per_epoch))  # every step logged (repeats: redone after a restart)
+    assert "test WER" in text
+
+
+def test_a_run_whose_latest_checkpoint_is_damaged_resumes_from_the_one_before(restarted_run, command, tmp_path):
+    _, _, out, _ = restarted_run
+    folder, argv = command
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    kept = sorted(c for c in (copy / "save").glob("CKPT+*"))
+    assert len(kept) == 2  # the end of the epoch and the one before (keep_latest_checkpoints: 2)
+    newest = kept[-1] / "wavlm.ckpt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a save cut in half
+    argv = [a.replace(str(out), str(copy)) for a in argv] + ["--resume=True"]  # the folder moved: accept its path
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "MASTER_PORT": str(free_port())})
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert f"Checkpoint {kept[-1]} is damaged (wavlm.ckpt do(es) not load)" in log
+    assert re.search(r"resumed from checkpoint: epoch 1, batch \d+ of the epoch", log) and "test WER" in log
