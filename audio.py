@@ -1,5 +1,7 @@
-"""Reading audio, for training and transcription alike: any rate, any channel count."""
+"""Reading audio, for training and transcription alike: any rate, any channel count,
+from a file or from the bytes an HF dataset (parquet, save_to_disk) holds."""
 
+import io
 from pathlib import Path
 
 import soundfile as sf
@@ -12,10 +14,21 @@ AUDIO_SUFFIXES = tuple(f".{name.lower()}" for name in sf.available_formats()) + 
 AUDIO_ERRORS = (sf.LibsndfileError, RuntimeError, OSError)
 
 
+def audio_source(value):
+    """What soundfile opens for an audio value: a path, or encoded bytes (HF's audio
+    struct {"bytes", "path"}, whose bytes win when present; or bytes alone)."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(value))
+    return str(value)
+
+
 def load_audio(path, sample_rate):
-    """Mono float32 audio at `sample_rate`: several channels are averaged, another
-    rate is resampled (the manifest check decides whether that is allowed)."""
-    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    """Mono float32 audio at `sample_rate` from a path or encoded bytes (audio_source):
+    several channels are averaged, another rate is resampled (the manifest check
+    decides whether that is allowed)."""
+    audio, rate = sf.read(audio_source(path), dtype="float32", always_2d=True)
     audio = torch.from_numpy(audio).mean(dim=1)
     if rate != sample_rate:
         audio = torchaudio.functional.resample(audio, rate, sample_rate)

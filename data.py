@@ -1,23 +1,31 @@
-"""The data of a run: the manifests' check (reused while nothing changed), the
+"""The data of a run: the check of every row (reused while nothing changed), the
 train / valid / test datasets with their audio and text pipelines, and the global
-sequence of training batches."""
+sequence of training batches. Each split is a CSV manifest (`<split>_csv`) or an
+HF dataset (`<split>_data`: parquet or a save_to_disk folder, hf_data.py)."""
 
 import collections
 import logging
+import time
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import speechbrain as sb
 import torch
 from speechbrain.utils.distributed import ddp_broadcast, if_main_process
 
+import hf_data
 from audio import load_audio
 from preflight import ConfigError
 from recipes.validate_manifest import (
+    CHECK_VERSION,
     AudioLimits,
     empty_splits,
     fingerprint,
+    in_parallel,
     length_filter,
     load_check,
+    ordered,
     read_manifest,
     report,
     training_charset,
@@ -26,29 +34,113 @@ from recipes.validate_manifest import (
 from schedule import length_buckets, make_plan
 
 logger = logging.getLogger(__name__)
+SPLITS = ("train", "valid", "test")
+_opened = {}  # (spec, hf split) -> the HF Dataset, opened once per process
 
 
-def read_datasets(hparams, bad_ids):
+def hf_spec(hparams, split):
+    """The HF dataset given for `split` (`<split>_data`), or None: its CSV manifest."""
+    return hparams.get(f"{split}_data")
+
+
+def open_hf(hparams, split):
+    spec, name = hf_spec(hparams, split), (hparams.get("hf_splits") or {}).get(split, split)
+    key = (str(spec), name)
+    if key not in _opened:
+        _opened[key] = hf_data.open_split(spec, split, name, dict(hparams["hf_columns"]))
+    return _opened[key]
+
+
+def split_source(hparams, split):
+    """How a split is named in messages: its dataset or manifest path."""
+    return hf_spec(hparams, split) or hparams[f"{split}_csv"]
+
+
+def training_texts(hparams):
+    """The training transcripts (tokenizer, LM, character set)."""
+    if hf_spec(hparams, "train"):
+        column = hparams["hf_columns"]["text"]
+        return [text or "" for text in open_hf(hparams, "train").data.column(column).to_pylist()]
+    import csv
+
+    with open(hparams["train_csv"], newline="") as f:
+        return [row.get("wrd") or "" for row in csv.DictReader(f)]
+
+
+def charset_of(hparams):
+    return set("".join(training_texts(hparams))) if hf_spec(hparams, "train") else \
+        training_charset(hparams["train_csv"])
+
+
+def read_datasets(hparams, bad_rows):
     """Train / valid / test DynamicItemDatasets sorted by duration, without the
-    rows that failed validation (`bad_ids`, with skip_invalid) and, for train,
+    rows that failed validation (`bad_rows`, with skip_invalid) and, for train,
     without utterances longer than max_duration. Returns (datasets, the line that
     says what max_duration left out, or None)."""
     datasets, filtered = {}, None
-    for split in ("train", "valid", "test"):
-        rows = read_manifest(hparams[f"{split}_csv"], hparams["data_folder"], leave_out=bad_ids)
-        if split == "train":
-            kept, filtered = length_filter(rows, hparams["max_duration"])
-            if rows and not kept:
-                raise ConfigError(f"the train split is empty: {filtered}; raise --max_duration")
-            rows = kept
-        data = sb.dataio.dataset.DynamicItemDataset(rows)
-        datasets[split] = data.filtered_sorted(sort_key="duration")
+    bad_ids = {row.utt_id for row in bad_rows}
+    for split in SPLITS:
+        if hf_spec(hparams, split):
+            data, filtered_here = _hf_dataset(hparams, split, bad_rows)
+        else:
+            data, filtered_here = _csv_dataset(hparams, split, bad_ids)
+        filtered = filtered_here if split == "train" else filtered
+        datasets[split] = data
     return datasets, filtered
 
 
-def dataio_prepare(hparams, tokenizer, bad_ids, datasets=None):
+def _csv_dataset(hparams, split, bad_ids):
+    rows = read_manifest(hparams[f"{split}_csv"], hparams["data_folder"], leave_out=bad_ids)
+    filtered = None
+    if split == "train":
+        kept, filtered = length_filter(rows, hparams["max_duration"])
+        if rows and not kept:
+            raise ConfigError(f"the train split is empty: {filtered}; raise --max_duration")
+        rows = kept
+    return sb.dataio.dataset.DynamicItemDataset(rows).filtered_sorted(sort_key="duration"), filtered
+
+
+def _hf_dataset(hparams, split, bad_rows):
+    """An HF split as a DynamicItemDataset over row numbers, sorted by duration
+    (stable: ties keep the row order, as for a CSV) without reading any audio."""
+    dataset, columns = open_hf(hparams, split), dict(hparams["hf_columns"])
+    label = f"{hf_spec(hparams, split)} [{split}]"
+    durations = hf_data.stated_durations(dataset, columns)
+    if durations is None:
+        durations = hf_data.load_durations(hparams["manifest_check_file"], split, len(dataset))
+        if durations is None:
+            raise ConfigError(f"the measured durations of {label} are missing: run the check again "
+                              f"(delete {hparams['manifest_check_file']})")
+    rows = hf_data.ArrowRows(dataset, columns, split, durations, leave_out={b.row for b in bad_rows
+                                                                            if b.file == label})
+    keys = np.asarray(rows.keys(), dtype=np.int64)
+    filtered = None
+    if split == "train" and hparams["max_duration"] and len(keys):
+        seconds = durations[keys]
+        keep = seconds <= hparams["max_duration"]
+        if not keep.all():
+            left, total = seconds[~keep].sum(), seconds.sum()
+            filtered = (f"max_duration={hparams['max_duration']:g} s: left out {int((~keep).sum())} of {len(keys)} "
+                        f"training utterances ({left / 3600:.2f} h of {total / 3600:.2f} h, "
+                        f"{100 * left / total:.1f} % of the audio) longer than it")
+            if not keep.any():
+                raise ConfigError(f"the train split is empty: {filtered}; raise --max_duration")
+        keys = keys[keep]
+    order = keys[np.argsort(durations[keys], kind="stable")]
+    data = sb.dataio.dataset.DynamicItemDataset(rows)
+    return sb.dataio.dataset.FilteredSortedDynamicItemDataset(data, [int(i) for i in order]), filtered
+
+
+def dataset_durations(dataset):
+    """The durations of a dataset's items in its order, without reading any audio."""
+    if isinstance(dataset.data, hf_data.ArrowRows):
+        return [float(d) for d in dataset.data.durations[np.asarray(dataset.data_ids, dtype=np.int64)]]
+    return [float(dataset.data[utt_id]["duration"]) for utt_id in dataset.data_ids]
+
+
+def dataio_prepare(hparams, tokenizer, bad_rows, datasets=None):
     """The datasets of `read_datasets` with the audio and text pipelines."""
-    datasets = datasets or read_datasets(hparams, bad_ids)[0]
+    datasets = datasets or read_datasets(hparams, bad_rows)[0]
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
@@ -63,47 +155,140 @@ def dataio_prepare(hparams, tokenizer, bad_ids, datasets=None):
 
     sb.dataio.dataset.add_dynamic_item(list(datasets.values()), audio_pipeline)
     sb.dataio.dataset.add_dynamic_item(list(datasets.values()), text_pipeline)
-    sb.dataio.dataset.set_output_keys(list(datasets.values()), ["id", "sig", "wrd", "tokens"])
+    for dataset in datasets.values():
+        arrow = isinstance(dataset.data, hf_data.ArrowRows)
+        dataset.set_output_keys({"id": "utt_id" if arrow else "id", "sig": "sig", "wrd": "wrd", "tokens": "tokens"})
     return datasets
 
 
-def validate_data(hparams):
-    """Validate the manifests on the main process; every rank gets the result.
+def validate_data(hparams, workers=1):
+    """Check every row of every split; every rank gets the result.
 
-    The result is reused when `manifest_check_file` holds one for the same
-    manifests, audio files (sizes, times) and settings. Returns (IDs to leave
-    out with skip_invalid, the fingerprint to save, whether the saved result was
-    used), or raises ConfigError with the report of every bad row."""
+    The result is reused when `manifest_check_file` holds one for the same data
+    (CSV: the manifests and each audio file's size and time; HF: each shard's) and
+    settings. Otherwise the rows are checked by `workers` processes; under
+    torch.distributed each rank checks its share of the rows (every node checks
+    its own). Returns (the bad rows, to leave out with skip_invalid; the
+    fingerprint to save; whether the saved result was used), or raises ConfigError
+    with the report of every bad row."""
     bad = empty = digest = missing = None
-    reused = False
-    csvs = {split: hparams[f"{split}_csv"] for split in ("train", "valid", "test")}
+    reused, started = False, time.time()
     if if_main_process():
-        missing = next((f"{split}_csv={path} does not exist: set --{split}_csv to the manifest's path"
-                        for split, path in csvs.items() if not Path(path).is_file()), None)
+        missing = _missing_source(hparams)
         if not missing:
-            limits = AudioLimits(hparams["sample_rate"], hparams["resample"], hparams["min_samples"],
-                                 hparams["duration_tolerance"])
-            charset = training_charset(hparams["train_csv"])
-            digest = fingerprint(csvs, hparams["data_folder"], limits, charset)
+            limits = _limits(hparams)
+            charset = charset_of(hparams)
+            digest = _fingerprint(hparams, limits, charset)
             saved = load_check(hparams["manifest_check_file"], digest)
-            reused = saved is not None
+            reused = saved is not None and all(
+                hf_data.load_durations(hparams["manifest_check_file"], split, len(open_hf(hparams, split)))
+                is not None for split in _measured_splits(hparams))
             if reused:
                 bad, empty = saved
-            else:
-                bad = validate_manifests(csvs, hparams["data_folder"], limits, charset)
-                empty = empty_splits(csvs, bad)
-    bad, empty, digest, missing, reused = ddp_broadcast((bad, empty, digest, missing, reused))
+    missing, digest, reused = ddp_broadcast((missing, digest, reused))
     if missing:
         raise ConfigError(missing)
+    if not reused:
+        bad, empty = _check_all(hparams)
+    bad, empty = ddp_broadcast((bad, empty))
+    if if_main_process():
+        what = "reused the saved check" if reused else f"checked every row ({hparams['check_workers']} worker(s))"
+        logger.info(f"data check: {what} in {time.time() - started:.1f} s")
     if bad and not hparams["skip_invalid"]:
-        raise ConfigError(f"{len(bad)} bad row(s) in the manifests; fix them, or set --skip_invalid=True "
+        raise ConfigError(f"{len(bad)} bad row(s) in the data; fix them, or set --skip_invalid=True "
                           f"to leave them out:\n{report(bad)}")
     if empty:
         raise ConfigError(f"{empty[0]}: fix the manifest or the settings named there")
     if bad:
         reasons = collections.Counter(row.reason.split(":")[0] for row in bad)
-        logger.warning(f"skip_invalid: {len({b.utt_id for b in bad})} utterance(s) left out: {dict(reasons)}")
+        logger.warning(f"skip_invalid: {len({(b.file, b.utt_id) for b in bad})} utterance(s) left out: "
+                       f"{dict(reasons)}")
     return bad, digest, reused
+
+
+def _limits(hparams):
+    return AudioLimits(hparams["sample_rate"], hparams["resample"], hparams["min_samples"],
+                       hparams["duration_tolerance"])
+
+
+def _missing_source(hparams):
+    for split in SPLITS:
+        spec = hf_spec(hparams, split)
+        if spec:
+            try:
+                hf_data.data_files(spec)
+                open_hf(hparams, split)
+            except ConfigError as error:
+                return f"{split}_data: {error}"
+        elif not Path(hparams[f"{split}_csv"]).is_file():
+            return f"{split}_csv={hparams[f'{split}_csv']} does not exist: set --{split}_csv to the manifest's path"
+    return None
+
+
+def _measured_splits(hparams):
+    """The HF splits without a duration column: their durations come from the check."""
+    return [split for split in SPLITS if hf_spec(hparams, split) and not hparams["hf_columns"].get("duration")]
+
+
+def _fingerprint(hparams, limits, charset):
+    csvs = {split: hparams[f"{split}_csv"] for split in SPLITS if not hf_spec(hparams, split)}
+    parts = [fingerprint(csvs, hparams["data_folder"], limits, charset)]
+    for split in SPLITS:
+        if hf_spec(hparams, split):
+            name = (hparams.get("hf_splits") or {}).get(split, split)
+            parts.append(hf_data.split_fingerprint(hf_spec(hparams, split), name, dict(hparams["hf_columns"])))
+    return f"{CHECK_VERSION}-" + "-".join(part[:16] for part in parts)
+
+
+def _check_all(hparams):
+    """(bad rows, empty-split lines) from checking every row, on `check_workers`
+    processes, shared among the ranks under torch.distributed. The main process
+    saves the measured durations of HF splits without a duration column."""
+    limits, charset, workers = _limits(hparams), charset_of(hparams), hparams["check_workers"]
+    rank, world = 0, 1
+    if torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    csvs = {split: hparams[f"{split}_csv"] for split in SPLITS if not hf_spec(hparams, split)}
+    bad = []
+    if csvs:
+        found = validate_manifests(csvs, hparams["data_folder"], limits, charset, workers, share=(rank, world))
+        bad += ordered(_gather(found, world), csvs.values())
+    empty = empty_splits(csvs, bad) if rank == 0 else []
+    for split in SPLITS:
+        if not hf_spec(hparams, split):
+            continue
+        dataset, columns = open_hf(hparams, split), dict(hparams["hf_columns"])
+        check = partial(_check_hf_chunk, hparams=hparams, split=split, limits=limits, charset=charset)
+        parts = sorted(_gather(in_parallel(check, np.arange(len(dataset)), workers, (rank, world)), world),
+                       key=lambda part: part[0])
+        found = [row for _, (rows, _) in parts for row in rows]
+        seconds = np.concatenate([s for _, (_, s) in parts]) if parts else np.zeros(0)
+        bad += found
+        label = f"{hf_spec(hparams, split)} [{split}]"
+        if rank == 0:
+            if not len(dataset):
+                empty.append(f"the {split} split is empty: {label} has no rows")
+            elif len({b.row for b in found}) == len(dataset):
+                causes = sorted({b.reason.split(" (")[0].split(":")[0] for b in found})
+                empty.append(f"the {split} split is empty after leaving out bad rows: all {len(dataset)} row(s) "
+                             f"of {label} are bad ({'; '.join(causes)})")
+            if not columns.get("duration"):
+                hf_data.save_durations(hparams["manifest_check_file"], split, seconds)
+    return bad, empty
+
+
+def _check_hf_chunk(indices, hparams, split, limits, charset):
+    return hf_data.check_rows(open_hf(hparams, split), dict(hparams["hf_columns"]), split,
+                              hf_spec(hparams, split), indices, limits, charset)
+
+
+def _gather(items, world):
+    """Every rank's list, concatenated in rank order (all ranks call it)."""
+    if world == 1:
+        return items
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
 
 
 def training_plan(hparams, train_data, world_size, run_opts):
@@ -111,12 +296,12 @@ def training_plan(hparams, train_data, world_size, run_opts):
     function of the data and the YAML, so every rank computes the same), and
     the global sequence of batches. In debug mode: the steps debug mode runs."""
     sampler_opts = dict(hparams["dynamic_batch_sampler"])
-    durations = [float(train_data.data[utt_id]["duration"]) for utt_id in train_data.data_ids]
+    durations = dataset_durations(train_data)
 
     def make_batches(per_rank, num_buckets):
         boundaries = length_buckets(durations, num_buckets, per_rank, hparams["batches_per_bucket"])
         return sb.dataio.sampler.DynamicBatchSampler(
-            train_data, length_func=lambda x: float(x["duration"]), bucket_boundaries=boundaries,
+            train_data, lengths_list=durations, bucket_boundaries=boundaries,
             **{**sampler_opts, "max_batch_length": per_rank, "num_buckets": None})
 
     plan, batches = make_plan(make_batches, sampler_opts["num_buckets"], hparams["global_batch_seconds"],

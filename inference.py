@@ -92,15 +92,17 @@ class Transcriber:
                 kept[index].append((keep_from // self.frame_stride, frames[first:last]))
         return [torch.cat([frames for _, frames in sorted(parts, key=lambda p: p[0])]) for parts in kept]
 
-    def transcribe_files(self, paths, batch_seconds=60.0, chunk_seconds=30.0, context_seconds=5.0):
+    def transcribe_files(self, paths, batch_seconds=60.0, chunk_seconds=30.0, context_seconds=5.0, sources=None):
         """({path: transcript}, {path: why it failed}): every readable file decoded
-        once, from its joined frames; a file that cannot be read loses nothing else."""
+        once, from its joined frames; a file that cannot be read loses nothing else.
+        `sources` {key: audio value (bytes, HF's audio struct)}: `paths` are its keys."""
         audios, readable, failed = [], [], {}
         for path in paths:
             try:
-                audio = self.load(path)
+                audio = self.load(sources[path] if sources is not None else path)
             except AUDIO_ERRORS as error:
-                failed[path] = read_error(path, error)
+                failed[path] = read_error(path, error) if sources is None else \
+                    f"not readable as audio ({str(error).splitlines()[0][:200]})"
                 continue
             if chunk_seconds <= 0 and len(audio) > batch_seconds * self.sample_rate:
                 failed[path] = (f"{len(audio) / self.sample_rate:.0f} s long, more than --batch_seconds="

@@ -25,7 +25,7 @@ from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main
 
 from brain_overrides import RecipeBrain
-from data import dataio_prepare, read_datasets, training_plan, validate_data
+from data import charset_of, dataio_prepare, hf_spec, read_datasets, training_plan, training_texts, validate_data
 from decoding import CTCDecoder, check_decoding, search_settings
 from fault_tolerance import NonFiniteGuard, Watchdog, check_shared_folders, init_distributed, progress
 from preflight import (
@@ -40,7 +40,7 @@ from preflight import (
 )
 from recipes.build_ngram_lm import build_lm
 from recipes.tokenizer import load_tokenizer, train_tokenizer
-from recipes.validate_manifest import save_check, training_charset
+from recipes.validate_manifest import save_check
 from reporting import append_step_row, gather_eval_stats, global_sum, peak_memory_gib, report_epoch, report_test
 from schedule import GlobalBatchSampler, check_schedule, describe_schedule, learning_rate
 
@@ -283,8 +283,8 @@ def check_run(hparams, hparams_file, run_opts, overrides, flags, world_size):
         run_on_main(hparams["prepare_data"])
     bad, digest, reused = validate_data(hparams)
     check_decoding(search_settings(hparams["test_search"], hparams["decoding_file"]), hparams.get("lm_text"),
-                   training_charset(hparams["train_csv"]))
-    datasets, filtered = read_datasets(hparams, {row.utt_id for row in bad})
+                   charset_of(hparams))
+    datasets, filtered = read_datasets(hparams, bad)
     plan, batches = training_plan(hparams, datasets["train"], world_size, run_opts)
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
@@ -321,7 +321,8 @@ def main(argv):
     run_on_main(
         train_tokenizer,
         kwargs={
-            "train_csv": hparams["train_csv"],
+            "train_csv": None,
+            "texts": training_texts(hparams),
             "model_dir": hparams["save_folder"],
             "vocab_size": hparams["vocab_size"],
             "model_type": hparams["token_type"],
@@ -332,7 +333,10 @@ def main(argv):
     # Decided on the main process (run_on_main ends in a barrier every rank must reach).
     build = if_main_process() and search["mode"] == "beam" and search["lm_path"] and not Path(search["lm_path"]).exists()
     if ddp_broadcast(build):
-        run_on_main(build_lm, args=([hparams["lm_text"]], search["lm_path"], hparams["lm_order"]))
+        lm_text = hparams["lm_text"]
+        if hf_spec(hparams, "train") and lm_text == hparams["train_csv"]:  # the default: the training transcripts
+            lm_text = str(Path(hparams["save_folder"]) / "train_text.txt")
+        run_on_main(build_lm, args=([lm_text], search["lm_path"], hparams["lm_order"]))
     datasets = dataio_prepare(hparams, tokenizer, None, datasets)
 
     wavlm = hparams["wavlm"]()

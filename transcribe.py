@@ -55,6 +55,16 @@ def read_csv_paths(csv_path, data_root):
     return [(row["ID"], row["wav"].replace("$data_root", str(data_root))) for row in rows]
 
 
+def read_hf_audio(spec, split, id_column, audio_column):
+    """{ID: audio value} of an HF dataset (hf_data.py; needs the datasets extra)."""
+    import hf_data
+
+    dataset = hf_data.open_split(spec, split, split, {"id": id_column or None, "audio": audio_column})
+    audio = dataset[audio_column]
+    ids = [str(i) for i in dataset[id_column]] if id_column else [f"{split}-{i}" for i in range(len(dataset))]
+    return dict(zip(ids, audio))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_folder", help="the output_folder of a training run, or a folder written "
@@ -63,6 +73,10 @@ def main(argv=None):
     parser.add_argument("--list", action="append", default=[], help="a text file of audio paths, one per line")
     parser.add_argument("--csv", help="a manifest (ID, wav, ...) instead of files")
     parser.add_argument("--data_root", default=".", help="replaces $data_root in --csv")
+    parser.add_argument("--data", help="an HF dataset (parquet file(s) or a save_to_disk folder) instead of files")
+    parser.add_argument("--split", default="test", help="with --data: the split of a save_to_disk DatasetDict")
+    parser.add_argument("--id_column", default="id", help="with --data: the ID column ('' for row numbers)")
+    parser.add_argument("--audio_column", default="audio", help="with --data: the audio column")
     parser.add_argument("--out", help="write ID/file,transcript rows here (default: stdout)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch_seconds", type=float, default=60.0, help="audio per batch (padded)")
@@ -74,7 +88,11 @@ def main(argv=None):
     parser.add_argument("--lm_weight", type=float, help="with --beam: another LM weight")
     parser.add_argument("--word_score", type=float, help="with --beam: another word score")
     args = parser.parse_args(argv)
-    if args.csv:
+    sources = None
+    if args.data:
+        sources = read_hf_audio(args.data, args.split, args.id_column, args.audio_column)
+        items = [(key, key) for key in sources]
+    elif args.csv:
         items = read_csv_paths(args.csv, args.data_root)
     else:
         missing_lists = [path for path in args.list if not Path(path).is_file()]
@@ -82,12 +100,12 @@ def main(argv=None):
             parser.error(f"--list {missing_lists[0]} does not exist")
         items = expand_inputs(args.audio, args.list)
     if not items:
-        parser.error("give audio files, folders with audio files, --list or --csv")
+        parser.error("give audio files, folders with audio files, --list, --csv or --data")
     model = open_model(args.output_folder, args.device)
     if args.beam:
         model.use_search(args.lm_weight, args.word_score)
     texts, failed = model.transcribe_files([path for _, path in items], args.batch_seconds, args.chunk_seconds,
-                                           args.context_seconds)
+                                           args.context_seconds, sources)
     for key, path in items:
         if path in failed:
             print(f"error: {key}: {failed[path]}", file=sys.stderr)

@@ -26,7 +26,18 @@ from inference import TrainedModel
 
 
 def valid_set(hparams):
-    """[(ID, audio path, words)] of the run's valid manifest."""
+    """[(ID, audio path or value, words)] of the run's valid split: its manifest, or
+    its HF dataset (valid_data)."""
+    if hparams.get("valid_data"):
+        import hf_data
+
+        columns = dict(hparams["hf_columns"])
+        dataset = hf_data.open_split(hparams["valid_data"], "valid", (hparams.get("hf_splits") or {}).get(
+            "valid", "valid"), {**columns, "duration": None})
+        ids = [str(i) for i in dataset[columns["id"]]] if columns.get("id") else \
+            [f"valid-{i}" for i in range(len(dataset))]
+        return [(utt_id, audio, (text or "").split())
+                for utt_id, audio, text in zip(ids, dataset[columns["audio"]], dataset[columns["text"]])]
     rows = read_manifest(hparams["valid_csv"], hparams["data_folder"])
     return [(utt_id, row["wav"], row["wrd"].split()) for utt_id, row in rows.items()]
 

@@ -9,9 +9,10 @@ import sentencepiece as spm
 logger = logging.getLogger(__name__)
 
 
-def train_tokenizer(train_csv, model_dir, vocab_size, model_type, text_column="wrd"):
-    """Train a SentencePiece model on the transcripts of `train_csv` unless
-    `model_dir/tokenizer.model` already exists. Returns the model path.
+def train_tokenizer(train_csv, model_dir, vocab_size, model_type, text_column="wrd", texts=None):
+    """Train a SentencePiece model on the training transcripts (`texts`, or the
+    `text_column` of `train_csv`) unless `model_dir/tokenizer.model` already
+    exists; they are kept in `model_dir/train_text.txt`. Returns the model path.
 
     Id 0 is `<unk>` and doubles as the CTC blank (SpeechBrain's convention): a
     character model covers every training character, so `<unk>` is never a target.
@@ -23,9 +24,11 @@ def train_tokenizer(train_csv, model_dir, vocab_size, model_type, text_column="w
         return model_path
     model_dir.mkdir(parents=True, exist_ok=True)
     text_path = model_dir / "train_text.txt"
-    with open(train_csv, newline="") as f, open(text_path, "w") as out:
-        for row in csv.DictReader(f):
-            out.write(row[text_column] + "\n")
+    if texts is None:
+        with open(train_csv, newline="") as f:
+            texts = [row[text_column] for row in csv.DictReader(f)]
+    with open(text_path, "w") as out:
+        out.writelines(text + "\n" for text in texts)
     spm.SentencePieceTrainer.train(
         input=str(text_path),
         model_prefix=str(model_dir / "tokenizer"),

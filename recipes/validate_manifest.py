@@ -6,10 +6,12 @@ fails there), so it is cheap enough for LibriSpeech 960 h.
 """
 
 import csv
+import functools
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +21,8 @@ import soundfile as sf
 logger = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("ID", "duration", "wav", "wrd")
 TAIL_FRAMES = 1024
-CHECK_VERSION = 3  # bump when the checks change, so saved results are not reused
+CHECK_VERSION = 4  # bump when the checks change, so saved results are not reused
+CHUNK_ROWS = 2000  # rows a check worker takes at a time
 
 
 @dataclass(frozen=True)
@@ -41,14 +44,17 @@ class AudioLimits:
     duration_tolerance: float  # seconds the duration column may differ from the audio's real length
 
 
-def validate_manifests(csv_paths, data_root, limits, charset):
+def validate_manifests(csv_paths, data_root, limits, charset, workers=1, share=(0, 1)):
     """Check the manifests {split: path}; return the list of BadRow.
 
     charset: the characters the tokenizer can encode (the training transcripts'
     characters, as the tokenizer is trained on them). A length limit
     (max_duration) is a choice, not a data error: `length_filter` applies it.
+    The rows' audio is checked by `workers` processes (in_parallel), each file
+    opened once; with share=(rank, world size), only this rank's share of the rows
+    (and the header and duplicate checks on rank 0): gather the ranks' lists.
     """
-    bad, seen = [], {}
+    bad, seen, rows = [], {}, []
     for split, path in csv_paths.items():
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
@@ -58,12 +64,52 @@ def validate_manifests(csv_paths, data_root, limits, charset):
                                   f"the header must have {', '.join(REQUIRED_COLUMNS)}"))
                 continue
             for line, row in enumerate(reader, start=2):
-                reasons = _row_problems(row, data_root, limits, charset)
                 if row["ID"] in seen:
-                    reasons.append(f"duplicate ID, first at {seen[row['ID']]}")
+                    bad.append(BadRow(str(path), line, row["ID"], f"duplicate ID, first at {seen[row['ID']]}"))
                 seen.setdefault(row["ID"], f"{path}:{line}")
-                bad.extend(BadRow(str(path), line, row["ID"], r) for r in reasons)
-    return bad
+                rows.append((str(path), line, row))
+    if share[0] != 0:
+        bad = []
+    check = functools.partial(_check_csv_rows, data_root=data_root, limits=limits, charset=charset)
+    for _, found in in_parallel(check, rows, workers, share):
+        bad.extend(found)
+    return ordered(bad, csv_paths.values())
+
+
+def ordered(bad_rows, files):
+    """Bad rows in the order of the files, then rows (a duplicate ID after the row's own problems)."""
+    order = {str(path): i for i, path in enumerate(files)}
+    return sorted(bad_rows, key=lambda b: (order.get(b.file, -1), b.row, b.reason.startswith("duplicate ID")))
+
+
+def _check_csv_rows(rows, data_root, limits, charset):
+    return [BadRow(path, line, row["ID"], reason) for path, line, row in rows
+            for reason in _row_problems(row, data_root, limits, charset)]
+
+
+_check = None  # what the forked check workers run, set before the pool starts
+
+
+def _call(chunk):
+    return _check(chunk)
+
+
+def in_parallel(check, items, workers, share=(0, 1)):
+    """[(chunk number, check(chunk))] over `items` cut into chunks of CHUNK_ROWS, for
+    this rank's share of the chunks (rank r of N takes chunks r, r + N, ...), by
+    `workers` forked processes: nothing is imported again, and `check` is not pickled."""
+    global _check
+    chunks = [items[i : i + CHUNK_ROWS] for i in range(0, len(items), CHUNK_ROWS)]
+    numbers = list(range(share[0], len(chunks), share[1]))
+    mine = [chunks[i] for i in numbers]
+    if workers <= 1 or len(mine) < 2:
+        return list(zip(numbers, map(check, mine)))
+    _check = check
+    try:
+        with multiprocessing.get_context("fork").Pool(min(workers, len(mine))) as pool:
+            return list(zip(numbers, pool.map(_call, mine, chunksize=1)))
+    finally:
+        _check = None
 
 
 def read_manifest(path, data_root, leave_out=()):
@@ -134,22 +180,37 @@ def _row_problems(row, data_root, limits, charset):
     if stated is None:
         problems.append(f"duration {row.get('duration')!r} is not a number of seconds > 0")
     path = Path(row["wav"].replace("$data_root", str(data_root)))
+    audio, _ = audio_problems(str(path), limits, stated)
+    if audio and audio[0].startswith("unreadable") and not path.exists():
+        audio = [f"missing file: {path}"]
+    elif audio and audio[0].startswith("unreadable"):
+        audio = [f"{audio[0]}: {path}"]
+    return problems + audio
+
+
+def audio_problems(source, limits, stated):
+    """(problems, seconds) of one audio file or bytes (anything soundfile opens),
+    opened once: its header, then its last frames (a truncated or corrupt body fails
+    there). `stated`: the duration the data claims (None: not checked). seconds is
+    None when the audio does not open."""
     try:
-        info = sf.info(str(path))
-        if info.frames > TAIL_FRAMES:  # a truncated or corrupt body fails here
-            sf.read(str(path), start=info.frames - TAIL_FRAMES, frames=TAIL_FRAMES)
-    except (sf.LibsndfileError, RuntimeError, OSError) as error:
-        reason = "missing file" if not path.exists() else f"unreadable or corrupt audio ({error})"
-        return problems + [f"{reason}: {path}"]
-    if info.samplerate != limits.sample_rate and not limits.resample:
-        problems.append(f"sample rate {info.samplerate} Hz, the model needs {limits.sample_rate} Hz "
+        with sf.SoundFile(source) as audio:
+            frames, rate = audio.frames, audio.samplerate
+            if frames > TAIL_FRAMES:
+                audio.seek(frames - TAIL_FRAMES)
+                audio.read(TAIL_FRAMES)
+    except (sf.LibsndfileError, RuntimeError, OSError, TypeError) as error:
+        return [f"unreadable or corrupt audio ({str(error).splitlines()[0][:200]})"], None
+    problems = []
+    if rate != limits.sample_rate and not limits.resample:
+        problems.append(f"sample rate {rate} Hz, the model needs {limits.sample_rate} Hz "
                         "(set resample: True to resample on load)")
-    seconds = info.frames / info.samplerate
+    seconds = frames / rate
     if seconds * limits.sample_rate < limits.min_samples:
         problems.append(f"too short for the CNN: {seconds:.3f} s < {limits.min_samples} samples")
     if stated is not None and abs(stated - seconds) > limits.duration_tolerance:
-        problems.append(_duration_mismatch(stated, seconds, info.samplerate, limits))
-    return problems
+        problems.append(_duration_mismatch(stated, seconds, rate, limits))
+    return problems, seconds
 
 
 def _stated_duration(text):

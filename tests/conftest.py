@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,15 @@ from helpers import TINY_CONFIG, save_tiny_wavlm  # noqa: E402
 # Scripts the tests start (launch_ddp.sh) run the interpreter that runs the tests,
 # also when its environment is not activated.
 os.environ.setdefault("PYTHON", sys.executable)
+# Under pytest-xdist (make test: two workers on two cores) every process computes on
+# one thread: more threads than cores make PyTorch's thread pools wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+# HF datasets' Arrow cache (parquet input) in a temporary folder, not the user's.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-cache-")
 
 
 @pytest.fixture(scope="session")

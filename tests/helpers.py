@@ -55,3 +55,22 @@ def run_train(capsys, *args):
         os.chdir(before)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def hf_copies(folder, manifests, data_folder):
+    """The manifests {split: csv} as parquet shards (recipes/to_parquet.py) and as a
+    save_to_disk DatasetDict (splits train / validation / test, no duration column):
+    (parquet folder with one subfolder per split, save_to_disk folder)."""
+    import datasets
+
+    from recipes.to_parquet import main as to_parquet
+
+    parquet = folder / "parquet"
+    args = [f"--csv={split}={path}" for split, path in manifests.items()]
+    assert to_parquet([str(parquet), *args, f"--data_folder={data_folder}", "--shard_mb=0.5"]) == 0
+    names = {"train": "train", "valid": "validation", "test": "test"}
+    splits = {names[split]: datasets.Dataset.from_parquet(sorted(str(p) for p in (parquet / split).glob("*.parquet")))
+              .remove_columns(["duration"]) for split in manifests}
+    disk = folder / "save_to_disk"
+    datasets.DatasetDict(splits).save_to_disk(str(disk))
+    return parquet, disk

@@ -18,6 +18,7 @@ from fault_tolerance import NonFiniteGuard, SafeCheckpointer
 from preflight import ConfigError, check_hparams, check_output_folder
 from recipes.validate_manifest import (
     AudioLimits,
+    BadRow,
     empty_splits,
     length_filter,
     read_manifest,
@@ -171,7 +172,7 @@ def test_audio_is_downmixed_and_resampled_on_load(audio_dir):
                                                ("rate", "$data_root/rate8k.wav", "B")])
     hparams = {"data_folder": str(audio_dir), "train_csv": manifest, "valid_csv": manifest,
                "test_csv": manifest, "max_duration": 10.0, "sample_rate": 16000}
-    data = dataio_prepare(hparams, CharTokenizer(), bad_ids=set())["train"]
+    data = dataio_prepare(hparams, CharTokenizer(), bad_rows=[])["train"]
     items = {item["id"]: item["sig"] for item in data}
     assert items["stereo"].shape == (16000,)
     assert items["rate"].shape == (16000,)
@@ -182,7 +183,7 @@ def test_skipped_rows_are_left_out_of_the_datasets(audio_dir):
     manifest = write_csv(audio_dir / "m.csv", [("a", "$data_root/good.wav", "A"), ("b", "$data_root/good.wav", "B")])
     hparams = {"data_folder": str(audio_dir), "train_csv": manifest, "valid_csv": manifest,
                "test_csv": manifest, "max_duration": 10.0, "sample_rate": 16000}
-    data = dataio_prepare(hparams, CharTokenizer(), bad_ids={"a"})
+    data = dataio_prepare(hparams, CharTokenizer(), bad_rows=[BadRow(str(manifest), 2, "a", "empty transcript")])
     assert [item["id"] for item in data["test"]] == ["b"]
 
 
@@ -391,4 +392,4 @@ def test_a_train_split_left_empty_by_max_duration_stops_naming_the_key(audio_dir
                "max_duration": 2.0}
     with pytest.raises(ConfigError, match=r"the train split is empty: max_duration=2 s: left out 1 of 1 .*"
                                           r"raise --max_duration"):
-        read_datasets(hparams, set())
+        read_datasets(hparams, [])

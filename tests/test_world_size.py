@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port
+from helpers import free_port, hf_copies
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo_data"
@@ -118,6 +118,59 @@ def test_sharded_evaluation_on_two_ranks_gives_the_single_process_wer(reference_
     assert sharded.splitlines()[0] == single.splitlines()[0]  # %WER x [ edits / words, ins, del, sub ]
     ids = lambda text: sorted(line.split(",")[0] for line in text.splitlines() if line.startswith("test-"))
     assert ids(sharded) == ids(single) and len(ids(single)) == ROWS["test"]
+
+
+@pytest.fixture(scope="session")
+def hf_runs(corpus):
+    """The reference runs' corpus as parquet shards (2 ranks) and as a save_to_disk
+    DatasetDict without a duration column (1 process): {nproc: (log, output folder)}."""
+    folder, _ = corpus
+    parquet, disk = hf_copies(folder, {split: folder / f"{split}.csv" for split in ROWS}, DEMO)
+    runs = {}
+    for nproc, data in ((2, [f"--{split}_data={parquet / split}" for split in ROWS]),
+                        (1, [f"--{split}_data={disk}" for split in ROWS] + ["--hf_columns={id: id, audio: audio, "
+                                                                            "text: text, duration: null}"])):
+        process, out, log_path = start(corpus, nproc, f"hf{nproc}", "--freeze_encoder=0.2", *data)
+        runs[nproc] = finish(process, log_path), out
+    return runs, parquet
+
+
+def test_parquet_and_save_to_disk_data_train_the_csv_runs_steps_and_parquet_evaluates_to_its_wer(reference_runs,
+                                                                                                 hf_runs):
+    runs, _ = hf_runs
+    for nproc in (2, 1):
+        csv_log, csv_out = reference_runs[nproc]
+        hf_log, hf_out = runs[nproc]
+        assert plan_line(hf_log) == plan_line(csv_log)
+        assert step_rows(hf_out) == step_rows(csv_out)  # step, epoch, learning rates, frozen or not
+    assert "measured" not in plan_line(runs[1][0])
+    durations = list((runs[1][1] / "save").glob("manifest_check.*.durations.npy"))
+    assert sorted(p.name.split(".")[1] for p in durations) == ["test", "train", "valid"]  # no duration column
+    # The same audio in the same batches: the same losses, and the same test WER.
+    losses = lambda out: (out / "train_steps.csv").read_text().splitlines()
+    assert losses(runs[2][1]) == losses(reference_runs[2][1])
+    assert (runs[2][1] / "wer_test.txt").read_text().splitlines()[0] == \
+        (reference_runs[2][1] / "wer_test.txt").read_text().splitlines()[0]
+
+
+def test_transcribe_and_tune_decoding_read_a_parquet_split_like_its_manifest(hf_runs, corpus):
+    import tune_decoding
+    from inference import TrainedModel
+    from transcribe import main as transcribe
+
+    runs, parquet = hf_runs
+    folder, _ = corpus
+    out = runs[2][1]
+    from_hf, failed = transcribe([str(out), "--data", str(parquet / "test")])
+    from_csv, _ = transcribe([str(out), "--csv", str(folder / "test.csv"), "--data_root", str(DEMO)])
+    assert not failed and dict(from_hf) == dict(from_csv) and len(from_hf) == ROWS["test"]
+    model = TrainedModel(out)
+    hf_valid = tune_decoding.valid_set(model.hparams)
+    csv_valid = tune_decoding.valid_set({**model.hparams, "valid_data": None, "valid_csv": str(folder / "valid.csv"),
+                                         "data_folder": str(DEMO)})
+    assert [(i, w) for i, _, w in hf_valid] == [(i, w) for i, _, w in csv_valid]
+    for (_, audio, _), (_, path, _) in zip(hf_valid, csv_valid):
+        assert model.load(audio).equal(model.load(path))
 
 
 def kill_group(process, out):
