@@ -24,5 +24,5 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q torch==2.14.1 torchaudio==2.11.0
-	$(VENV)/bin/python -m pip install -q -e ".[test,lm,datasets]"
+	$(VENV)/bin/python -m pip install -q -e ".[test,lm,datasets,slurm]"
 	touch $(STAMP)

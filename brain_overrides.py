@@ -9,6 +9,7 @@ import speechbrain as sb
 import torch
 import yaml
 
+from preemption import Preempted
 from schedule import GlobalBatchSampler, resumed_batch
 
 
@@ -32,11 +33,14 @@ class RecipeBrain(sb.Brain):
     """sb.Brain with: the batching a checkpoint was saved with (so that a run resumes
     mid-epoch on another world size), checkpoints only at optimizer-step boundaries,
     the recipe's global batch sampler, a step that skips non-finite losses on every
-    rank at once, and sharded evaluation. Needs `plan` (schedule.TrainingPlan) and
+    rank at once (and agrees on a preemption), a preemption checkpoint at the next
+    step boundary, and sharded evaluation. Needs `plan` (schedule.TrainingPlan) and
     `nonfinite` (fault_tolerance.NonFiniteGuard) set before fit()."""
 
     plan = None
     saved_plan = None
+    preemption = None  # preemption.PreemptionWatch, when preempt_signals is set
+    stop_agreed = False  # some rank was asked to stop: save at the next step boundary, then stop
 
     # Brain._save / _recover: SpeechBrain's own YAML (step, optimizer_step, ...) plus the plan.
     @sb.utils.checkpoints.mark_as_saver
@@ -69,7 +73,18 @@ class RecipeBrain(sb.Brain):
     def _should_save_intra_epoch_ckpt(self, last_ckpt_time, steps_since_ckpt):
         if self.step % self.grad_accumulation_factor:
             return False
+        if self.stop_agreed:  # every rank agreed in the same all-reduce: no broadcast needed
+            return True
         return super()._should_save_intra_epoch_ckpt(last_ckpt_time, steps_since_ckpt)
+
+    # Brain._save_intra_epoch_ckpt: after the preemption checkpoint, stop (train.main
+    # exits with preemption.exit_code_after_preemption).
+    def _save_intra_epoch_ckpt(self):
+        super()._save_intra_epoch_ckpt()
+        if self.stop_agreed:
+            raise Preempted(f"{self.preemption.received or 'a signal on another rank'}: checkpoint saved after "
+                            f"optimizer step {self.optimizer_step} (batch {self.step} of epoch "
+                            f"{self.hparams.epoch_counter.current})")
 
     # Brain._train_loader_specifics: GlobalBatchSampler already gives this rank its
     # share, so no DistributedSamplerWrapper.
@@ -91,7 +106,9 @@ class RecipeBrain(sb.Brain):
                 loss = self.compute_objectives(outputs, batch, sb.Stage.TRAIN)
             self.scaler.scale(loss / self.grad_accumulation_factor).backward()
         self.accumulated_finite = getattr(self, "accumulated_finite", True)
-        self.accumulated_finite &= self.nonfinite.step_is_finite(loss.detach())
+        finite, stop = self.nonfinite.agree(loss.detach(), self.preemption is not None and self.preemption.requested)
+        self.accumulated_finite &= finite
+        self.stop_agreed |= stop
         if should_step:
             self.accumulated_step_applied = self.accumulated_finite
             if self.accumulated_finite:

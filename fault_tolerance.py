@@ -54,13 +54,40 @@ class SafeCheckpointer(Checkpointer):
         return super()._save_checkpoint_metafile(pending, meta_to_include, end_of_epoch)
 
     def save_checkpoint(self, *args, **kwargs):
-        checkpoint = super().save_checkpoint(*args, **kwargs)
+        """SpeechBrain's save, committed atomically. A write that fails (a full disk:
+        ENOSPC, or any OSError) removes its partial folder, keeps every earlier
+        checkpoint, and stops every rank with one ConfigError naming the folder and
+        the space a checkpoint takes."""
+        failure = checkpoint = None
+        try:
+            checkpoint = super().save_checkpoint(*args, **kwargs)
+        except OSError as error:  # only the main process writes
+            failure = self._failed_save(error)
+        failure = ddp_broadcast(failure)
+        if failure:
+            raise ConfigError(failure)
         ddp_barrier()  # every rank has written its files
         if if_main_process():
             (checkpoint.path / PENDING_META).rename(checkpoint.path / METAFNAME)
         ddp_barrier()
         progress("checkpoint saved")
         return checkpoint
+
+    def _failed_save(self, error):
+        """Remove what the failed save wrote; the line that says why and what to do."""
+        partial = [p for p in self.checkpoints_dir.glob(f"{CKPT_PREFIX}+*") if not (p / METAFNAME).exists()]
+        written = sum(f.stat().st_size for p in partial for f in p.rglob("*") if f.is_file())
+        for path in partial:
+            shutil.rmtree(path, ignore_errors=True)
+        complete = sorted((p for p in self.checkpoints_dir.glob(f"{CKPT_PREFIX}+*") if (p / METAFNAME).exists()),
+                          key=lambda p: p.stat().st_mtime)
+        need = sum(f.stat().st_size for f in complete[-1].rglob("*") if f.is_file()) if complete else written
+        free = shutil.disk_usage(self.checkpoints_dir).free
+        reason = error.strerror or str(error)
+        return (f"could not save a checkpoint in {self.checkpoints_dir} ({reason}): the partial save was removed "
+                f"and the {len(complete)} earlier checkpoint(s) are intact. A checkpoint takes about "
+                f"{need / 2**20:.1f} MB here and {free / 2**20:.1f} MB are free: free space (or set another "
+                "--output_folder), then rerun the same command to resume from the last checkpoint")
 
     def find_checkpoint(self, importance_key=None, max_key=None, min_key=None, ckpt_predicate=None):
         """The checkpoint to recover, chosen by the main process alone; every rank
@@ -169,12 +196,19 @@ class NonFiniteGuard:
         self.consecutive = 0
 
     def step_is_finite(self, loss):
-        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=collective_device())
+        return self.agree(loss)[0]
+
+    def agree(self, loss, stop_requested=False):
+        """(whether every rank's loss is finite, whether any rank asked to stop):
+        one all-reduce of two numbers (the stop request of preemption.py rides along)."""
+        flags = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0, float(stop_requested)],
+                             device=collective_device())
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(bad)
-        if bad.item() == 0:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        bad, stop = flags.tolist()
+        if bad == 0:
             self.consecutive = 0
-            return True
+            return True, stop > 0
         self.skipped_total += 1
         self.consecutive += 1
         logger.warning(f"Non-finite loss: step skipped ({self.skipped_total} so far)")
@@ -184,7 +218,7 @@ class NonFiniteGuard:
                 f"{self.patience}): lower the learning rate (lr), use --precision=bf16 instead "
                 "of fp16, or lower max_grad_norm"
             )
-        return False
+        return False, stop > 0
 
 
 def init_distributed(backend, timeout_s):

@@ -6,14 +6,24 @@
 #   ./launch_ddp.sh --max-restarts 3 ...                     # restart the group when a worker dies
 #
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT on every node
-# (or RDZV_ENDPOINT=host:port for an elastic c10d rendezvous). NPROC_PER_NODE
-# overrides the number of processes per node. On one node the checks run once,
-# in one process, before torchrun starts the workers. PYTHON names the interpreter
+# (or RDZV_ENDPOINT=host:port for an elastic c10d rendezvous). Under SLURM (srun, one
+# task per node) they come from SLURM's environment when unset: the node count, the
+# node rank, the first host of the node list (scontrol, else python-hostlist), a port
+# from the job id. NPROC_PER_NODE overrides the processes per node (default: the GPUs
+# SLURM gives the task, else the visible GPUs). On one node the checks run once, in
+# one process, before torchrun starts the workers. PYTHON names the interpreter
 # (default: the python3 first on PATH, that is the active environment's).
+#
+# SIGTERM or SIGUSR1 to this script (SLURM before a preemption or the time limit) reach
+# the workers, which save a checkpoint at the next optimizer step and stop; the script
+# then exits with status 75 and, under SLURM, requeues the job when it may. Exit
+# statuses: 0 done, 2 a check refused the run, 75 preempted (rerun to resume), other:
+# a worker failed (torchrun's report above).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-python3}"
+PREEMPTED=75
 max_restarts=0
 train_args=()
 while [[ $# -gt 0 ]]; do
@@ -23,6 +33,32 @@ while [[ $# -gt 0 ]]; do
         *) train_args+=("$1"); shift ;;
     esac
 done
+
+fail() { echo "error: $*" >&2; exit 2; }
+
+# ---- SLURM: node count, node rank and head node from the job's environment ----
+if [[ -n "${SLURM_JOB_ID:-}" && -z "${NNODES:-}" && -z "${RDZV_ENDPOINT:-}" ]]; then
+    nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+    if [[ "$nodes" -gt 1 ]]; then
+        [[ -n "${SLURM_NODEID:-}" ]] || fail "SLURM job $SLURM_JOB_ID has $nodes nodes but SLURM_NODEID is unset: start launch_ddp.sh with srun, one task per node (srun --ntasks-per-node=1)"
+        [[ "$SLURM_NODEID" -lt "$nodes" ]] || fail "SLURM_NODEID=$SLURM_NODEID is not below the job's node count $nodes: start launch_ddp.sh with srun, one task per node"
+        nodelist="${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}"
+        [[ -n "$nodelist" ]] || fail "SLURM job $SLURM_JOB_ID has $nodes nodes but no SLURM_JOB_NODELIST to find the head node in: set MASTER_ADDR"
+        if [[ -z "${MASTER_ADDR:-}" ]]; then
+            if command -v scontrol >/dev/null 2>&1; then
+                MASTER_ADDR="$(scontrol show hostnames "$nodelist" | head -n 1)"
+            else
+                MASTER_ADDR="$("$python" -c 'import sys, hostlist; print(hostlist.expand_hostlist(sys.argv[1])[0])' "$nodelist" 2>/dev/null)" \
+                    || fail "cannot read the head node from SLURM_JOB_NODELIST=$nodelist: no scontrol here and no python-hostlist (pip install -e '.[slurm]'), or set MASTER_ADDR"
+            fi
+        fi
+        export NNODES="$nodes" NODE_RANK="$SLURM_NODEID" MASTER_ADDR
+        export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+    fi
+    if [[ -z "${NPROC_PER_NODE:-}" && -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
+        export NPROC_PER_NODE="$SLURM_GPUS_ON_NODE"
+    fi
+fi
 
 gpus=$("$python" -c "import torch; print(torch.cuda.device_count())")
 if [[ "$gpus" -gt 0 ]]; then
@@ -36,8 +72,11 @@ else
 fi
 
 nnodes="${NNODES:-1}"
+if [[ -n "${NODE_RANK:-}" && "$NODE_RANK" -ge "$nnodes" ]]; then
+    fail "NODE_RANK=$NODE_RANK is not below NNODES=$nnodes: node ranks run from 0 to NNODES-1"
+fi
 if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
-    rendezvous=(--rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-wavlm}")
+    rendezvous=(--rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-${SLURM_JOB_ID:-wavlm}}")
 elif [[ "$nnodes" -gt 1 ]]; then
     rendezvous=(--node-rank="${NODE_RANK:?set NODE_RANK on every node}"
                 --master-addr="${MASTER_ADDR:?set MASTER_ADDR to node 0\'s address}"
@@ -46,15 +85,48 @@ else
     rendezvous=(--standalone)
 fi
 
+# Everything this launch starts holds the output folder as one run (run_lock.py): the
+# SLURM job (a requeued job is the same run), else this launch.
+export WAVLM_RUN_ID="${WAVLM_RUN_ID:-${SLURM_JOB_ID:+slurm-$SLURM_JOB_ID}}"
+export WAVLM_RUN_ID="${WAVLM_RUN_ID:-$(hostname)-$$-$(date +%s)}"
+export WAVLM_LAUNCHER_PID=$$
+
 if [[ "$nnodes" -eq 1 && -z "${RDZV_ENDPOINT:-}" ]]; then
-    # The checks (settings, manifests, output folder, global batch) once, in one process,
+    # The checks (settings, output folder, data, global batch) once, in one process,
     # before any worker starts: an error is printed once, as the last line, with exit code 2.
-    # The workers reuse the manifests' check (manifest_check_file), also after a restart.
+    # The workers reuse the data check (manifest_check_file), also after a restart.
     # With several nodes each node's workers check instead (rank 0 decides for all).
     "$python" "$here/train.py" "${train_args[@]}" --check_only --world_size="$nproc" || exit $?
     export WAVLM_RECIPE_CHECKED=1
 fi
 
-exec "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc" \
+# The workers tell this script through this file that they stopped for a preemption.
+export WAVLM_PREEMPT_MARKER="$(mktemp "${TMPDIR:-/tmp}/wavlm-preempted.XXXXXX")"
+rm -f "$WAVLM_PREEMPT_MARKER"
+trap 'rm -f "$WAVLM_PREEMPT_MARKER"' EXIT
+
+"$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc" \
     --max-restarts="$max_restarts" "${rendezvous[@]}" \
-    "$here/train.py" "${train_args[@]}" --distributed_backend="$backend"
+    "$here/train.py" "${train_args[@]}" --distributed_backend="$backend" &
+torchrun=$!
+# A signal to this script goes to the workers only: torchrun stays up, and exits
+# cleanly once they have saved and stopped.
+forward() { pkill "-$1" -P "$torchrun" 2>/dev/null || true; }
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+trap 'forward USR2' USR2
+trap 'kill -INT "$torchrun" 2>/dev/null || true' INT
+status=0
+while true; do
+    wait "$torchrun" && status=0 || status=$?
+    kill -0 "$torchrun" 2>/dev/null || break  # wait was only interrupted by a signal
+done
+if [[ -e "$WAVLM_PREEMPT_MARKER" ]]; then
+    echo "preempted: the workers saved a checkpoint and stopped; the same command resumes the run (exit $PREEMPTED)" >&2
+    if [[ -n "${SLURM_JOB_ID:-}" && "${SLURM_NODEID:-0}" -eq 0 ]] && command -v scontrol >/dev/null 2>&1; then
+        scontrol requeue "$SLURM_JOB_ID" && echo "requeued SLURM job $SLURM_JOB_ID" >&2 \
+            || echo "SLURM job $SLURM_JOB_ID could not be requeued (submit it with --requeue): rerun it yourself" >&2
+    fi
+    exit "$PREEMPTED"
+fi
+exit "$status"

@@ -174,6 +174,7 @@ NUMBERS = {
     "layerdrop_check_interval": (0, False, True, 100),
     "lm_order": (1, False, True, 3),
     "check_workers": (1, False, True, 8),
+    "lock_stale_minutes": (0, True, False, 10),
     "dynamic_batch_sampler.max_batch_length": (0, True, False, 200.0),
     "dynamic_batch_sampler.num_buckets": (1, False, True, 60),
 }

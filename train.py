@@ -41,6 +41,8 @@ from preflight import (
 from recipes.build_ngram_lm import build_lm
 from recipes.tokenizer import load_tokenizer, train_tokenizer
 from recipes.validate_manifest import save_check
+from preemption import Preempted, PreemptionWatch, check_signal_names, exit_code_after_preemption
+from run_lock import RUN_ID_ENV, FolderLock
 from reporting import append_step_row, gather_eval_stats, global_sum, peak_memory_gib, report_epoch, report_test
 from schedule import GlobalBatchSampler, check_schedule, describe_schedule, learning_rate
 
@@ -239,7 +241,24 @@ def parse_args(argv):
     return hparams_file, run_opts, overrides, flags
 
 
-def decide_output_folder(hparams, hparams_file, overrides, flags, test_only):
+def hold_output_folder(hparams):
+    """The main process holds output_folder for this run (run_lock.py); every rank
+    raises the same ConfigError when another run holds it. Returns the FolderLock
+    (None on the other ranks)."""
+    lock = error = None
+    if if_main_process():
+        lock = FolderLock(hparams["output_folder"], hparams["lock_stale_minutes"])
+        try:
+            lock.acquire()
+        except ConfigError as held:
+            error = str(held)
+    error = ddp_broadcast(error)
+    if error:
+        raise ConfigError(error)
+    return lock
+
+
+def decide_output_folder(hparams, hparams_file, overrides, flags, test_only, lock=None):
     """Refuse to mix configurations in one output folder (unless asked); with
     --overwrite=True the main process deletes the old run here. Decided on the
     main process, so that every rank acts alike whatever it reads."""
@@ -260,6 +279,8 @@ def decide_output_folder(hparams, hparams_file, overrides, flags, test_only):
     if decision == "overwrite" and if_main_process():
         shutil.rmtree(hparams["output_folder"])
         logger.warning(f"--overwrite=True: deleted {hparams['output_folder']}")
+        if lock is not None:
+            lock.acquire()  # the hold went with the folder
     ddp_barrier()
 
 
@@ -270,7 +291,8 @@ def check_run(hparams, hparams_file, run_opts, overrides, flags, world_size):
 
     Run by every rank (decisions on the main process) and, by launch_ddp.sh,
     once in a single process before torchrun starts the workers.
-    Returns (bad rows, train dataset, plan, global batch sequence)."""
+    Returns (the output folder's lock (main process), bad rows, datasets, plan,
+    global batch sequence)."""
     precision = run_opts.precision if "precision" in run_opts.overridden_args else hparams.get("precision", "fp32")
     check_hparams(hparams, precision, run_opts.device or sb.utils.distributed.infer_device())
     if flags["find_unused_parameters"] is None and hparams.get("find_unused_parameters") is not None:
@@ -278,7 +300,18 @@ def check_run(hparams, hparams_file, run_opts, overrides, flags, world_size):
     check_find_unused_parameters(flags["find_unused_parameters"], world_size, hparams["layerdrop"],
                                  getattr(hparams["wavlm"], "keywords", {}).get("freeze", "cnn"))
     check_schedule(hparams)
-    decide_output_folder(hparams, hparams_file, overrides, flags, run_opts.test_only)
+    check_signal_names(hparams["preempt_signals"])
+    lock = hold_output_folder(hparams)
+    try:
+        return (lock, *_check_data_and_plan(hparams, hparams_file, run_opts, overrides, flags, world_size, lock))
+    except ConfigError:
+        if lock is not None:
+            lock.release(remove_folder=True)  # a refused run leaves nothing behind
+        raise
+
+
+def _check_data_and_plan(hparams, hparams_file, run_opts, overrides, flags, world_size, lock):
+    decide_output_folder(hparams, hparams_file, overrides, flags, run_opts.test_only, lock)
     if hparams.get("prepare_data"):  # null: your own manifests
         run_on_main(hparams["prepare_data"])
     bad, digest, reused = validate_data(hparams)
@@ -314,10 +347,22 @@ def main(argv):
     hparams = load_hparams(hparams_file, overrides)
     if not flags["check_only"]:
         check_shared_folders(hparams["output_folder"], hparams["data_folder"])
-    bad, datasets, plan, batches = check_run(hparams, hparams_file, run_opts, overrides, flags, world_size)
+    lock, bad, datasets, plan, batches = check_run(hparams, hparams_file, run_opts, overrides, flags, world_size)
     if flags["check_only"]:
         print(f"checks passed for world size {world_size}: settings, manifests, output folder", flush=True)
+        if lock is not None and not os.environ.get(RUN_ID_ENV):  # launch_ddp.sh's workers keep the hold
+            lock.release()
         return None
+    try:
+        return train(hparams, run_opts, flags, bad, datasets, plan, batches, distributed, world_size,
+                     lock.start_heartbeat() if lock is not None else None)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(hparams, run_opts, flags, bad, datasets, plan, batches, distributed, world_size, lock):
+    """Tokenizer, LM, model and the Brain; fit, then the test evaluation. Returns the Brain."""
     run_on_main(
         train_tokenizer,
         kwargs={
@@ -368,6 +413,7 @@ def main(argv):
         batch_sampler=GlobalBatchSampler(batches, rank, world_size, plan.accumulation),
     )
     watchdog = Watchdog(hparams["hang_timeout_minutes"]).start() if hparams["hang_timeout_minutes"] > 0 else None
+    asr.preemption = PreemptionWatch(hparams["preempt_signals"]).start() if hparams["preempt_signals"] else None
     try:
         asr.fit(
             hparams["epoch_counter"],
@@ -379,22 +425,31 @@ def main(argv):
         asr.evaluate(
             datasets["test"], min_key="WER", test_loader_kwargs=hparams["valid_dataloader_opts"]
         )
+    except Preempted as stopped:
+        if if_main_process():
+            print(f"preempted by {stopped}; run the same command again to resume there", flush=True)
+        asr.preempted = True
     except RuntimeError as error:
         raise explain_reduction_error(error) from error
     finally:
         if watchdog is not None:
             watchdog.stop()
+        if asr.preemption is not None:
+            asr.preemption.stop()
     return asr
 
 
 def run(argv):
     """main(argv) as a command: 0 when it finished, 2 with one `error:` line on
-    stderr when a check refused the run."""
+    stderr when a check refused the run, preemption.PREEMPTED_EXIT_CODE after a
+    preemption checkpoint (0 under torchrun: launch_ddp.sh turns it into that code)."""
     try:
-        main(argv)
+        asr = main(argv)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+    if getattr(asr, "preempted", False):
+        return exit_code_after_preemption()
     return 0
 
 

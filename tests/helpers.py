@@ -74,3 +74,19 @@ def hf_copies(folder, manifests, data_folder):
     disk = folder / "save_to_disk"
     datasets.DatasetDict(splits).save_to_disk(str(disk))
     return parquet, disk
+
+
+def worker_pid(marker, rank):
+    """The pid of the torchrun worker of `rank` whose command line holds `marker`."""
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if any(marker.encode() in part for part in cmdline) and f"RANK={rank}".encode() in environ \
+                and b"train.py" in b" ".join(cmdline):
+            return int(proc.name)
+    return None

@@ -393,3 +393,40 @@ def test_a_train_split_left_empty_by_max_duration_stops_naming_the_key(audio_dir
     with pytest.raises(ConfigError, match=r"the train split is empty: max_duration=2 s: left out 1 of 1 .*"
                                           r"raise --max_duration"):
         read_datasets(hparams, [])
+
+
+class DiskFull:
+    """A recoverable whose save writes part of its file, then finds the disk full."""
+
+    def __init__(self):
+        self.full = False
+
+    def save(self, path):
+        with open(path, "wb") as f:
+            f.write(b"x" * 1000)
+            if self.full:
+                raise OSError(28, "No space left on device")
+
+    def load(self, path, end_of_epoch):
+        pass
+
+
+def test_a_checkpoint_write_that_hits_a_full_disk_removes_its_partial_files_and_keeps_the_last_one(tmp_path):
+    model, disk = Counter(), DiskFull()
+    checkpointer = SafeCheckpointer(tmp_path, recoverables={"a_model": model})
+    checkpointer.add_recoverable("z_state", disk, custom_save_hook=DiskFull.save, custom_load_hook=DiskFull.load)
+    model.value.data.fill_(1.0)
+    first = checkpointer.save_checkpoint(meta={"WER": 50.0})
+    model.value.data.fill_(2.0)
+    disk.full = True
+    with pytest.raises(ConfigError) as refused:
+        checkpointer.save_checkpoint(meta={"WER": 40.0})
+    message = str(refused.value)
+    assert message.startswith(f"could not save a checkpoint in {tmp_path} (No space left on device)")
+    assert "1 earlier checkpoint(s) are intact" in message and "MB are free" in message
+    size = sum(f.stat().st_size for f in first.path.rglob("*") if f.is_file())
+    assert f"takes about {size / 2**20:.1f} MB" in message
+    assert sorted(tmp_path.glob("CKPT+*")) == [first.path]  # nothing partial left
+    restored = Counter()  # the rerun, once space is free
+    checkpoint = SafeCheckpointer(tmp_path, recoverables={"a_model": restored}).recover_if_possible()
+    assert checkpoint.path == first.path and restored.value.item() == 1.0

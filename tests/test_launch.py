@@ -2,7 +2,6 @@
 
 This is the CI smoke test, and the acceptance commands of the LayerDrop issue."""
 
-import sys
 import os
 import subprocess
 from pathlib import Path
@@ -60,23 +59,53 @@ def test_other_supported_configurations_train_and_exit_0(tmp_path, args, ddp_lin
     assert f"DDP wraps the encoder with {ddp_line}" in log
 
 
-def test_two_nodes_of_one_process_train_as_one_job_of_world_size_2(tmp_path):
-    port = str(free_port())
-    env = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+def slurm_job_id():
+    """A job id whose derived port (20000 + id % 20000, launch_ddp.sh) is free here."""
+    for _ in range(50):
+        port = free_port()
+        if 20000 <= port < 40000:
+            return str(port - 20000)
+    pytest.fail("no free port in 20000-39999")
+
+
+def test_two_nodes_started_by_srun_train_as_one_job_from_slurms_environment(tmp_path):
+    """What `srun --ntasks-per-node=1 ./launch_ddp.sh` gives each node, on localhost:
+    no NNODES, NODE_RANK or MASTER_ADDR; the node list names the head node first."""
+    job = slurm_job_id()
+    env = {"SLURM_JOB_ID": job, "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "localhost,127.0.0.1",
+           "NPROC_PER_NODE": "1"}
     nodes = []
     for node_rank in ("0", "1"):
-        out = tmp_path / f"node{node_rank}"
         command = [str(ROOT / "launch_ddp.sh"), *FAST, f"--output_folder={tmp_path / 'shared'}",
                    f"--wavlm_source={tmp_path / 'wavlm-small'}"]
         log = open(tmp_path / f"node{node_rank}.log", "w")
-        nodes.append((subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env, "NODE_RANK": node_rank},
-                                       stdout=log, stderr=subprocess.STDOUT, text=True), out))
-    codes = [process.wait(timeout=600) for process, _ in nodes]
+        clean = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        nodes.append(subprocess.Popen(command, cwd=ROOT, env={**clean, **env, "SLURM_NODEID": node_rank},
+                                      stdout=log, stderr=subprocess.STDOUT, text=True))
+    codes = [process.wait(timeout=600) for process in nodes]
     logs = [(tmp_path / f"node{r}.log").read_text() for r in ("0", "1")]
     assert codes == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     assert "rank 0 of world size 2" in logs[0] and "rank 1 of world size 2" in logs[1]
     assert "test WER" in logs[0]
     assert (tmp_path / "shared" / "wer_test.txt").exists()
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"SLURM_NODEID": "2"}, "error: SLURM_NODEID=2 is not below the job's node count 2: start launch_ddp.sh with "
+                            "srun, one task per node"),
+    ({"SLURM_NODEID": "0", "SLURM_JOB_NODELIST": ""},
+     "error: SLURM job 4242 has 2 nodes but no SLURM_JOB_NODELIST to find the head node in: set MASTER_ADDR"),
+    ({}, "error: SLURM job 4242 has 2 nodes but SLURM_NODEID is unset: start launch_ddp.sh with srun"),
+], ids=["rank-beyond-count", "no-node-list", "no-node-id"])
+def test_a_wrong_slurm_environment_is_one_error_line_and_exit_2(tmp_path, env, message):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM") and k not in ("NNODES", "MASTER_ADDR")}
+    full = {**clean, "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[01-02]", **env}
+    result = subprocess.run([str(ROOT / "launch_ddp.sh"), f"--output_folder={tmp_path / 'out'}"], cwd=ROOT,
+                            env=full, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]
+    assert result.stderr.strip().startswith(message)
+    assert not (tmp_path / "out").exists()
 
 
 def test_two_nodes_that_do_not_share_the_output_folder_stop_at_once_with_one_line(tmp_path):

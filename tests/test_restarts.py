@@ -15,25 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port
+from helpers import free_port, worker_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo_data"
 ROWS = {"train": 240, "valid": 8, "test": 8}  # about 18 optimizer steps in the epoch
-
-
-def worker_pid(marker, rank):
-    """The pid of the torchrun worker of `rank` whose command line holds `marker`."""
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if any(marker.encode() in part for part in cmdline) and f"RANK={rank}".encode() in environ \
-                and b"train.py" in b" ".join(cmdline):
-            return int(proc.name)
-    return None
 
 
 def checkpoints(out):

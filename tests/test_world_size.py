@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, hf_copies
+from helpers import free_port, hf_copies, worker_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo_data"
@@ -34,10 +34,10 @@ def corpus(tmp_path_factory):
     return folder, args
 
 
-def start(corpus, nproc, name, *args):
+def start(corpus, nproc, name, *args, log=""):
     """launch_ddp.sh with NPROC_PER_NODE=nproc, 2 epochs; returns (process, output folder, log path)."""
     folder, manifests = corpus
-    out, log_path = folder / name, folder / f"{name}-{nproc}.log"
+    out, log_path = folder / name, folder / f"{name}-{nproc}{log}.log"
     command = [str(ROOT / "launch_ddp.sh"), *manifests, "--number_of_epochs=2", "--noprogressbar",
                f"--output_folder={out}", f"--wavlm_source={folder / 'wavlm-small'}", *args]
     env = {**os.environ, "NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(free_port())}
@@ -171,6 +171,71 @@ def test_transcribe_and_tune_decoding_read_a_parquet_split_like_its_manifest(hf_
     assert [(i, w) for i, _, w in hf_valid] == [(i, w) for i, _, w in csv_valid]
     for (_, audio, _), (_, path, _) in zip(hf_valid, csv_valid):
         assert model.load(audio).equal(model.load(path))
+
+
+def wait_rows(out, process, log_path, count):
+    """Wait until train_steps.csv has `count` rows (or fail with the log)."""
+    deadline = time.time() + 600
+    while not ((out / "train_steps.csv").exists() and len(step_rows(out)) >= count):
+        assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def preempted_run(corpus):
+    """The reference configuration on 2 ranks, stopped twice and rerun to the end:
+    SIGUSR1 to rank 1 alone, then SIGTERM to launch_ddp.sh; meanwhile a second launch
+    on the same folder. {name: (exit status, log)}, the output folder."""
+    args = ("--freeze_encoder=0.2",)
+    runs = {}
+    process, out, log_path = start(corpus, 2, "preempted", *args)
+    lock = out / ".run-lock.json"
+    deadline = time.time() + 300
+    while not lock.exists():  # taken by launch_ddp.sh's check, before the workers start
+        assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.05)
+    holder = lock.read_text()
+    second, _, second_log = start(corpus, 2, "preempted", *args, log="second")
+    runs["second"] = second.wait(timeout=600), second_log.read_text()
+    runs["holder_kept"] = lock.read_text() == holder
+    wait_rows(out, process, log_path, 2)
+    os.kill(worker_pid(str(out), rank=1), signal.SIGUSR1)
+    runs["rank1"] = process.wait(timeout=600), log_path.read_text()
+    rows = len(step_rows(out))
+    process, _, log_path = start(corpus, 2, "preempted", *args, log="again")
+    wait_rows(out, process, log_path, rows + 2)
+    os.kill(process.pid, signal.SIGTERM)  # the launcher
+    runs["launcher"] = process.wait(timeout=600), log_path.read_text()
+    process, _, log_path = start(corpus, 2, "preempted", *args, log="last")
+    runs["last"] = process.wait(timeout=600), log_path.read_text()
+    return runs, out
+
+
+def test_a_preempted_run_saves_at_the_next_step_and_resumes_there_as_if_never_stopped(preempted_run,
+                                                                                      reference_runs):
+    runs, out = preempted_run
+    for name, who in (("rank1", "a signal on another rank"), ("launcher", "SIGTERM")):
+        code, log = runs[name]
+        assert code == 75, log[-3000:]  # launch_ddp.sh's preemption status
+        assert f"preempted by {who}: checkpoint saved after optimizer step" in log, log[-3000:]
+        assert "Traceback" not in log and "SignalException" not in log and "ChildFailedError" not in log
+    code, log = runs["last"]
+    assert code == 0, log[-3000:]
+    assert len(re.findall(r"resumed from checkpoint: epoch \d, batch \d+", log)) == 1
+    # Row for row what the uninterrupted run logged: no step lost, none repeated.
+    assert step_rows(out) == step_rows(reference_runs[2][1])
+
+
+def test_a_second_run_on_a_folder_in_use_stops_with_one_line_and_writes_nothing(preempted_run, reference_runs):
+    runs, out = preempted_run
+    code, log = runs["second"]
+    assert code == 2, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == log.strip().splitlines()[-1]
+    assert f"error: output_folder={out} is in use by the run WAVLM_RUN_ID=" in errors[0]
+    assert "(pid " in errors[0] and "choose another --output_folder" in errors[0]
+    assert runs["holder_kept"] and "Experiment folder" not in log and "rank 0 of world size" not in log
+    assert step_rows(out) == step_rows(reference_runs[2][1])  # the first run as if alone
 
 
 def kill_group(process, out):
