@@ -30,7 +30,7 @@ class Transcriber:
     `decoder` (decoding.CTCDecoder) is greedy unless `use_search` set another."""
 
     decoder = None
-    min_samples = 400  # the shortest input WavLM's CNN turns into one frame
+    min_samples = 400  # the shortest input the encoders' CNN turns into one frame
 
     @torch.no_grad()
     def transcribe_batch(self, signals):

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Fine-tune WavLM with a CTC head, on one process or under torchrun DDP.
+"""Fine-tune a speech encoder of WavLM's family (WavLM, wav2vec 2.0, HuBERT, data2vec-audio) with a
+CTC head, on one process or under torchrun DDP.
 
     python train.py [hparams/xxx.yaml] [--key=value ...]
     ./launch_ddp.sh [hparams/xxx.yaml] [--key=value ...]

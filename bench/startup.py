@@ -70,7 +70,9 @@ def until_first_step(args, out, log_path, timeout):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    # Each configuration builds its own Arrow cache of the parquet shards (its first launch pays it).
+    env = {**os.environ, "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1",
+           "HF_DATASETS_CACHE": str(out.parent / f"hf-cache-{out.name}")}
     (out / "train_steps.csv").unlink(missing_ok=True)  # a rerun waits for its own first step
     command = [str(ROOT / "launch_ddp.sh"), *args, f"--output_folder={out}", "--noprogressbar",
                f"--wavlm_source={out.parent / 'wavlm-small'}"]
@@ -107,7 +109,6 @@ def main(argv=None):
     results = []
     for rows in args.rows:
         folder = Path(tempfile.mkdtemp(prefix=f"startup-{rows}-"))
-        os.environ.setdefault("HF_DATASETS_CACHE", str(folder / "hf-cache"))
         csv_args, parquet_args, convert_s = make_corpus(folder, rows)
         print(f"{rows} rows: corpus made, parquet conversion {convert_s:.1f} s", flush=True)
         for fmt in args.formats:

@@ -132,21 +132,25 @@ def nonfinite_on_one_rank(patience):
     return {"decisions": decisions, "error": None}
 
 
-def sync_check(differ):
-    """Run the synced-drop check with equal patterns, or with rank 1 differing."""
+def sync_check():
+    """Run the synced-drop check with equal patterns, then with rank 1 differing:
+    [the first check's error or None, the second's]."""
     from types import SimpleNamespace
 
     from layerdrop import LayerDrop
 
     layer_drop = LayerDrop(SimpleNamespace(layerdrop=0.5), num_layers=4, mode="synced", seed=0)
-    layer_drop.last = [False, True, False, True]
-    if differ and dist.get_rank() == 1:
-        layer_drop.last = [False, False, True, True]
-    try:
-        layer_drop.check_in_sync()
-    except RuntimeError as error:
-        return str(error)
-    return None
+    errors = []
+    for differ in (False, True):
+        layer_drop.last = [False, True, False, True]
+        if differ and dist.get_rank() == 1:
+            layer_drop.last = [False, False, True, True]
+        try:
+            layer_drop.check_in_sync()
+            errors.append(None)
+        except RuntimeError as error:
+            errors.append(str(error))
+    return errors
 
 
 def checkpoints_seen_differently(base):

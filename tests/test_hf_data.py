@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 import hf_data
-from helpers import hf_copies, run_train
+from helpers import demo_slice, hf_copies, run_train
 from recipes.to_parquet import SCHEMA, main as to_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,11 +27,7 @@ ROWS = {"train": 40, "valid": 6, "test": 6}
 def hf_corpus(tmp_path_factory):
     """A slice of the demo corpus as parquet shards and as a save_to_disk folder."""
     folder = tmp_path_factory.mktemp("hf")
-    manifests = {}
-    for split, count in ROWS.items():
-        lines = (DEMO / f"{split}.csv").read_text().splitlines()
-        manifests[split] = folder / f"{split}.csv"
-        manifests[split].write_text("\n".join(lines[: count + 1]) + "\n")
+    manifests = demo_slice(folder, ROWS)
     parquet, disk = hf_copies(folder, manifests, DEMO)
     return folder, parquet, disk
 

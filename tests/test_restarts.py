@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, worker_pid
+from helpers import demo_slice, free_port, worker_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo_data"
@@ -36,11 +36,7 @@ def wait_for(condition, process, log_path, timeout=600):
 @pytest.fixture(scope="module")
 def command(tmp_path_factory):
     folder = tmp_path_factory.mktemp("restarts")
-    args = []
-    for split, count in ROWS.items():
-        lines = (DEMO / f"{split}.csv").read_text().splitlines()
-        (folder / f"{split}.csv").write_text("\n".join(lines[: count + 1]) + "\n")
-        args.append(f"--{split}_csv={folder / f'{split}.csv'}")
+    args = [f"--{split}_csv={path}" for split, path in demo_slice(folder, ROWS).items()]
     return folder, [str(ROOT / "launch_ddp.sh"), "--max-restarts", "2", f"--output_folder={folder / 'run'}",
                     f"--wavlm_source={folder / 'wavlm-small'}", "--noprogressbar", "--number_of_epochs=1",
                     "--ckpt_interval_steps=2", "--hang_timeout_minutes=0.25", *args]
