@@ -191,9 +191,8 @@ def validate_data(hparams, workers=1):
     if not reused:
         bad, empty = _check_all(hparams)
     bad, empty = ddp_broadcast((bad, empty))
-    if if_main_process():
-        what = "reused the saved check" if reused else f"checked every row ({hparams['check_workers']} worker(s))"
-        logger.info(f"data check: {what} in {time.time() - started:.1f} s")
+    what = "reused the saved check" if reused else f"checked every row ({hparams['check_workers']} worker(s))"
+    check_line = f"data check: {what} in {time.time() - started:.1f} s"
     if bad and not hparams["skip_invalid"]:
         raise ConfigError(f"{len(bad)} bad row(s) in the data; fix them, or set --skip_invalid=True "
                           f"to leave them out:\n{report(bad)}")
@@ -203,7 +202,7 @@ def validate_data(hparams, workers=1):
         reasons = collections.Counter(row.reason.split(":")[0] for row in bad)
         logger.warning(f"skip_invalid: {len({(b.file, b.utt_id) for b in bad})} utterance(s) left out: "
                        f"{dict(reasons)}")
-    return bad, digest, reused
+    return bad, digest, reused, check_line
 
 
 def _limits(hparams):

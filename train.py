@@ -315,7 +315,7 @@ def _check_data_and_plan(hparams, hparams_file, run_opts, overrides, flags, worl
     decide_output_folder(hparams, hparams_file, overrides, flags, run_opts.test_only, lock)
     if hparams.get("prepare_data"):  # null: your own manifests
         run_on_main(hparams["prepare_data"])
-    bad, digest, reused = validate_data(hparams)
+    bad, digest, reused, check_line = validate_data(hparams)
     check_decoding(search_settings(hparams["test_search"], hparams["decoding_file"]), hparams.get("lm_text"),
                    charset_of(hparams))
     datasets, filtered = read_datasets(hparams, bad)
@@ -325,6 +325,7 @@ def _check_data_and_plan(hparams, hparams_file, run_opts, overrides, flags, worl
     )
     if if_main_process():
         save_check(hparams["manifest_check_file"], digest, bad, [])
+        logger.info(check_line)
         if reused:
             logger.info(f"manifests unchanged since their last check ({hparams['manifest_check_file']}): "
                         "their audio was not read again")

@@ -71,7 +71,7 @@ def until_first_step(args, out, log_path, timeout):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # Each configuration builds its own Arrow cache of the parquet shards (its first launch pays it).
-    env = {**os.environ, "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1", "PYTHON": os.environ.get("PYTHON", sys.executable),
            "HF_DATASETS_CACHE": str(out.parent / f"hf-cache-{out.name}")}
     (out / "train_steps.csv").unlink(missing_ok=True)  # a rerun waits for its own first step
     command = [str(ROOT / "launch_ddp.sh"), *args, f"--output_folder={out}", "--noprogressbar",
@@ -83,13 +83,24 @@ def until_first_step(args, out, log_path, timeout):
         steps = out / "train_steps.csv"
         while not (steps.exists() and len(steps.read_text().splitlines()) > 1):
             if process.poll() is not None or time.time() - started > timeout:
-                os.killpg(process.pid, signal.SIGKILL)
+                stop(process, out)
                 raise SystemExit(f"no first step: {log_path}\n{log_path.read_text()[-2000:]}")
             time.sleep(0.2)
         seconds = time.time() - started
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        stop(process, out)
     return seconds, log_path.read_text()
+
+
+def stop(process, out):
+    """Kill launch_ddp.sh, torchrun and the workers (which run in sessions of their own)."""
+    for pid in [process.pid] + [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]:
+        try:
+            if pid == process.pid or str(out).encode() in (Path("/proc") / str(pid) / "cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    process.wait()
+    time.sleep(1)  # the workers' ports and the folder's lock holder are gone
 
 
 def check_seconds(log):

@@ -119,28 +119,37 @@ def test_sharded_evaluation_on_two_ranks_gives_the_single_process_wer(reference_
 
 @pytest.fixture(scope="session")
 def hf_runs(corpus):
-    """The reference runs' corpus as parquet shards (2 ranks) and as a save_to_disk
-    DatasetDict without a duration column (1 process): {nproc: (log, output folder)}."""
+    """The reference runs' corpus as parquet shards, trained by 2 ranks; and as a
+    save_to_disk DatasetDict without a duration column, started on 2 ranks, preempted
+    (SIGTERM to launch_ddp.sh) and finished on 1 process. {nproc: (log, output
+    folder)}, the parquet folder, the preempted launch's exit status."""
     folder, _ = corpus
     parquet, disk = hf_copies(folder, {split: folder / f"{split}.csv" for split in ROWS}, DEMO)
     runs = {}
-    for nproc, data in ((2, [f"--{split}_data={parquet / split}" for split in ROWS]),
-                        (1, [f"--{split}_data={disk}" for split in ROWS] + ["--hf_columns={id: id, audio: audio, "
-                                                                            "text: text, duration: null}"])):
-        process, out, log_path = start(corpus, nproc, f"hf{nproc}", "--freeze_encoder=0.2", *data)
-        runs[nproc] = finish(process, log_path), out
-    return runs, parquet
+    process, out, log_path = start(corpus, 2, "hf2", "--freeze_encoder=0.2",
+                                   *[f"--{split}_data={parquet / split}" for split in ROWS])
+    runs[2] = finish(process, log_path), out
+    disk_args = ["--freeze_encoder=0.2", *[f"--{split}_data={disk}" for split in ROWS],
+                 "--hf_columns={id: id, audio: audio, text: text, duration: null}"]
+    process, out, log_path = start(corpus, 2, "hf1", *disk_args, log="preempted")
+    wait_rows(out, process, log_path, 2)
+    os.kill(process.pid, signal.SIGTERM)
+    preempted = process.wait(timeout=600), log_path.read_text()
+    process, out, log_path = start(corpus, 1, "hf1", *disk_args)
+    runs[1] = finish(process, log_path), out
+    return runs, parquet, preempted
 
 
-def test_parquet_and_save_to_disk_data_train_the_csv_runs_steps_and_parquet_evaluates_to_its_wer(reference_runs,
-                                                                                                 hf_runs):
-    runs, _ = hf_runs
+def test_parquet_and_save_to_disk_data_train_the_csv_runs_steps_also_resumed_on_another_world_size(
+        reference_runs, hf_runs):
+    runs, _, (preempted_code, preempted_log) = hf_runs
+    assert preempted_code == 75, preempted_log[-3000:]
     for nproc in (2, 1):
         csv_log, csv_out = reference_runs[nproc]
         hf_log, hf_out = runs[nproc]
         assert plan_line(hf_log) == plan_line(csv_log)
         assert step_rows(hf_out) == step_rows(csv_out)  # step, epoch, learning rates, frozen or not
-    assert "measured" not in plan_line(runs[1][0])
+    assert "resumed from checkpoint: epoch" in runs[1][0]
     durations = list((runs[1][1] / "save").glob("manifest_check.*.durations.npy"))
     assert sorted(p.name.split(".")[1] for p in durations) == ["test", "train", "valid"]  # no duration column
     # The same audio in the same batches: the same losses, and the same test WER.
@@ -155,7 +164,7 @@ def test_transcribe_and_tune_decoding_read_a_parquet_split_like_its_manifest(hf_
     from inference import TrainedModel
     from transcribe import main as transcribe
 
-    runs, parquet = hf_runs
+    runs, parquet, _ = hf_runs
     folder, _ = corpus
     out = runs[2][1]
     from_hf, failed = transcribe([str(out), "--data", str(parquet / "test")])
