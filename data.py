@@ -245,8 +245,8 @@ def _check_all(hparams):
     saves the measured durations of HF splits without a duration column."""
     limits, charset, workers = _limits(hparams), charset_of(hparams), hparams["check_workers"]
     rank, world = 0, 1
-    if torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if torch.distributed.is_initialized():  # the ranks are the parallel checkers: no forks beside CUDA and NCCL
+        rank, world, workers = torch.distributed.get_rank(), torch.distributed.get_world_size(), 1
     csvs = {split: hparams[f"{split}_csv"] for split in SPLITS if not hf_spec(hparams, split)}
     bad = []
     if csvs:

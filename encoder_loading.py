@@ -42,9 +42,9 @@ def make_local_checkpoint(folder, config, seed):
     `model_type` one of FAMILIES, default wavlm) to `folder` in the `save_pretrained`
     layout, unless it is already there.
 
-    The run's random state is left as it was, so that a run that creates the model
-    trains exactly as one that finds it. Under DDP the main process writes it while
-    the others wait. It is written into
+    Under DDP the main process writes it while the others wait. (Creating it seeds
+    and advances torch's random state: a run that creates the model draws other
+    dropout masks than one that finds it; the demo's README output is a first run.) It is written into
     a temporary folder and renamed into place, so an interrupted save never leaves a
     half-written checkpoint that a later run would take for a good one.
     """
@@ -54,10 +54,9 @@ def make_local_checkpoint(folder, config, seed):
     distributed = torch.distributed.is_initialized()
     if not (folder / "config.json").exists() and (not distributed or torch.distributed.get_rank() == 0):
         folder.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
         fields = dict(config)
-        with torch.random.fork_rng(devices=[]):  # the run's own random state stays as if the model existed
-            torch.manual_seed(seed)
-            model = AutoModel.from_config(AutoConfig.for_model(fields.pop("model_type", "wavlm"), **fields))
+        model = AutoModel.from_config(AutoConfig.for_model(fields.pop("model_type", "wavlm"), **fields))
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
         model.save_pretrained(tmp)
         os.rename(tmp, folder)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from encoder_loading import make_local_checkpoint
 from helpers import demo_slice, free_port, hf_copies, worker_pid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,12 @@ def corpus(tmp_path_factory):
     """(folder, manifest arguments) for a slice of the demo corpus."""
     folder = tmp_path_factory.mktemp("world_size")
     args = [f"--{split}_csv={path}" for split, path in demo_slice(folder, ROWS).items()]
+    # The demo model made before any run: a run that creates it draws other dropout masks
+    # (encoder_loading.make_local_checkpoint), and every run here must train alike.
+    from hyperpyyaml import load_hyperpyyaml
+
+    demo = load_hyperpyyaml((ROOT / "hparams" / "demo.yaml").read_text())["wavlm"].keywords
+    make_local_checkpoint(folder / "wavlm-small", demo["init_config"], demo["init_seed"])
     return folder, args
 
 
