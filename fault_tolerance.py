@@ -25,13 +25,23 @@ import zipfile
 from pathlib import Path
 
 import torch
-from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer, ckpt_recency
-from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process
+from speechbrain.utils.checkpoints import (
+    CKPT_PREFIX,
+    DEFAULT_SAVE_HOOKS,
+    METAFNAME,
+    Checkpointer,
+    ckpt_recency,
+    get_default_hook,
+)
+from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, main_process_only
 
 from preflight import ConfigError
 
 logger = logging.getLogger(__name__)
 PENDING_META = f"{METAFNAME}.pending"
+# The code of SpeechBrain's main_process_only wrapper: how a save hook that writes on the main
+# process and then broadcasts is told from one that runs on every rank.
+_MAIN_PROCESS_ONLY_CODE = main_process_only(lambda: None).__code__
 
 
 class SafeCheckpointer(Checkpointer):
@@ -51,19 +61,28 @@ class SafeCheckpointer(Checkpointer):
 
     def _save_checkpoint_metafile(self, fpath, meta_to_include={}, end_of_epoch=True):
         pending = Path(fpath).with_name(PENDING_META)
-        return super()._save_checkpoint_metafile(pending, meta_to_include, end_of_epoch)
+        try:
+            return super()._save_checkpoint_metafile(pending, meta_to_include, end_of_epoch)
+        except OSError as error:  # on the main process, before SpeechBrain broadcasts the folder to every rank
+            self._write_error = self._write_error or error
+            return dict(meta_to_include)
 
     def save_checkpoint(self, *args, **kwargs):
         """SpeechBrain's save, committed atomically. A write that fails (a full disk:
         ENOSPC, or any OSError) removes its partial folder, keeps every earlier
         checkpoint, and stops every rank with one ConfigError naming the folder and
-        the space a checkpoint takes."""
-        failure = checkpoint = None
+        the space a checkpoint takes. The failure is kept, not raised, until every
+        rank has been through each save hook's broadcast (see _guarded)."""
+        self._write_error = None
+        own_hooks = self.custom_save_hooks
+        hooks = {name: own_hooks.get(name) or get_default_hook(obj, DEFAULT_SAVE_HOOKS)
+                 for name, obj in self.recoverables.items()}
+        self.custom_save_hooks = {name: self._guarded(hook) for name, hook in hooks.items() if hook is not None}
         try:
             checkpoint = super().save_checkpoint(*args, **kwargs)
-        except OSError as error:  # only the main process writes
-            failure = self._failed_save(error)
-        failure = ddp_broadcast(failure)
+        finally:
+            self.custom_save_hooks = own_hooks
+        failure = ddp_broadcast(self._failed_save(self._write_error) if self._write_error else None)
         if failure:
             raise ConfigError(failure)
         ddp_barrier()  # every rank has written its files
@@ -72,6 +91,25 @@ class SafeCheckpointer(Checkpointer):
         ddp_barrier()
         progress("checkpoint saved")
         return checkpoint
+
+    def _guarded(self, hook):
+        """`hook` with an OSError of its write kept in `_write_error` instead of raised,
+        and nothing written after one failed. SpeechBrain's default hooks write on the
+        main process and then broadcast to every rank: an exception before that
+        broadcast would leave the other ranks waiting in it, so the guard goes inside,
+        around the write, and the broadcast stays."""
+        main_only = getattr(hook, "__code__", None) is _MAIN_PROCESS_ONLY_CODE
+        write = hook.__wrapped__ if main_only else hook
+
+        def guarded_write(obj, path):
+            if self._write_error is not None:
+                return
+            try:
+                write(obj, path)
+            except OSError as error:
+                self._write_error = error
+
+        return main_process_only(guarded_write) if main_only else guarded_write
 
     def _failed_save(self, error):
         """Remove what the failed save wrote; the line that says why and what to do."""

@@ -175,28 +175,76 @@ def checkpoints_seen_differently(base):
             "own_folder": [p.name for p in own.iterdir()] if dist.get_rank() == 1 else None}
 
 
-def damaged_checkpoints(base, damage_all):
-    """Save three epochs (keeping the best and the latest two), cut the newest
-    checkpoint's parameter file in half (or every one), then recover on every rank."""
+def damaged_checkpoints(base):
+    """In two folders, save three epochs (keeping the best and the latest two), cut the
+    newest checkpoint's parameter file in half (in `newest`) or every one (in `all`),
+    then recover on every rank: {folder name: what each saw}."""
     from fault_tolerance import SafeCheckpointer
     from preflight import ConfigError
 
-    holder = torch.nn.Module()
+    results = {}
+    for name in ("newest", "all"):
+        holder = torch.nn.Module()
+        holder.value = torch.nn.Parameter(torch.zeros(1))
+        checkpointer = SafeCheckpointer(Path(base) / name, recoverables={"holder": holder}, keep_latest=2)
+        for wer in (20.0, 30.0, 25.0):
+            holder.value.data.fill_(wer)
+            checkpointer.save_and_keep_only(meta={"WER": wer}, min_keys=["WER"])
+        kept = sorted(c.meta["WER"] for c in checkpointer.list_checkpoints())
+        if dist.get_rank() == 0:
+            newest_first = sorted(checkpointer.list_checkpoints(), key=lambda c: c.meta["unixtime"], reverse=True)
+            for checkpoint in newest_first if name == "all" else newest_first[:1]:
+                data = checkpoint.paramfiles["holder"].read_bytes()
+                checkpoint.paramfiles["holder"].write_bytes(data[: len(data) // 2])
+        dist.barrier()
+        holder.value.data.fill_(0.0)
+        try:
+            recovered = checkpointer.recover_if_possible()
+            results[name] = {"kept": kept, "recovered": recovered.meta["WER"], "value": holder.value.item(),
+                             "error": None}
+        except ConfigError as error:
+            results[name] = {"kept": kept, "error": str(error)}
+    return results
+
+
+def disk_full_on_the_main_process(base):
+    """Save one checkpoint, then one whose second parameter file hits a full disk on the
+    main process (SpeechBrain writes there, then broadcasts): every rank must get the
+    same error, without a collective left waiting; then recover the first one."""
+    from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+
+    from fault_tolerance import SafeCheckpointer
+    from preflight import ConfigError
+
+    @register_checkpoint_hooks
+    class Disk:
+        full = False
+
+        @mark_as_saver
+        def save(self, path):
+            with open(path, "wb") as f:
+                f.write(b"x" * 1000)
+                if self.full:
+                    raise OSError(28, "No space left on device")
+
+        @mark_as_loader
+        def load(self, path, end_of_epoch):
+            pass
+
+    holder, disk = torch.nn.Module(), Disk()
     holder.value = torch.nn.Parameter(torch.zeros(1))
-    checkpointer = SafeCheckpointer(base, recoverables={"holder": holder}, keep_latest=2)
-    for wer in (20.0, 30.0, 25.0):
-        holder.value.data.fill_(wer)
-        checkpointer.save_and_keep_only(meta={"WER": wer}, min_keys=["WER"])
-    kept = sorted(c.meta["WER"] for c in checkpointer.list_checkpoints())
-    if dist.get_rank() == 0:
-        newest_first = sorted(checkpointer.list_checkpoints(), key=lambda c: c.meta["unixtime"], reverse=True)
-        for checkpoint in newest_first if damage_all else newest_first[:1]:
-            data = checkpoint.paramfiles["holder"].read_bytes()
-            checkpoint.paramfiles["holder"].write_bytes(data[: len(data) // 2])
-    dist.barrier()
-    holder.value.data.fill_(0.0)
+    checkpointer = SafeCheckpointer(base, recoverables={"a_holder": holder, "b_disk": disk})
+    holder.value.data.fill_(1.0)
+    first = checkpointer.save_checkpoint(meta={"WER": 50.0})
+    holder.value.data.fill_(2.0)
+    disk.full = True
     try:
-        recovered = checkpointer.recover_if_possible()
-    except ConfigError as error:
-        return {"kept": kept, "error": str(error)}
-    return {"kept": kept, "recovered": recovered.meta["WER"], "value": holder.value.item(), "error": None}
+        checkpointer.save_checkpoint(meta={"WER": 40.0})
+        error = None
+    except ConfigError as refused:
+        error = str(refused)
+    holder.value.data.fill_(0.0)
+    recovered = checkpointer.recover_if_possible()
+    return {"error": error, "folders": sorted(p.name for p in Path(base).glob("CKPT+*")),
+            "first": first.path.name if first is not None else None, "recovered": recovered.path.name,
+            "value": holder.value.item()}

@@ -360,19 +360,26 @@ def test_a_watchdog_that_sees_progress_stays_quiet(tmp_path):
     assert result.returncode == 0 and "watchdog" not in result.stderr
 
 
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_on_every_rank(tmp_path):
-    ranks = spawn("damaged_checkpoints", tmp_path / "ddp", base=str(tmp_path / "save"), damage_all=False)
-    for result in ranks:
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """Both damage scenarios of ddp_worker.damaged_checkpoints, in one 2-rank spawn."""
+    base = tmp_path_factory.mktemp("damaged")
+    return base / "save", spawn("damaged_checkpoints", base / "ddp", base=str(base / "save"))
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_on_every_rank(damaged):
+    _, ranks = damaged
+    for result in (rank["newest"] for rank in ranks):
         assert result["kept"] == [20.0, 25.0, 30.0]  # the best, and the latest two
         assert result["error"] is None
         assert result["recovered"] == 30.0 and result["value"] == 30.0  # the one before the damaged newest
 
 
-def test_when_no_checkpoint_loads_every_rank_stops_with_one_line_naming_the_folder_and_the_fix(tmp_path):
-    ranks = spawn("damaged_checkpoints", tmp_path / "ddp", base=str(tmp_path / "save"), damage_all=True)
-    for result in ranks:
-        assert result["error"] == (f"no checkpoint in {tmp_path / 'save'} loads (3 damaged): pass "
-                                   f"--overwrite=True to start afresh, or delete {tmp_path / 'save'}")
+def test_when_no_checkpoint_loads_every_rank_stops_with_one_line_naming_the_folder_and_the_fix(damaged):
+    save, ranks = damaged
+    for result in (rank["all"] for rank in ranks):
+        assert result["error"] == (f"no checkpoint in {save / 'all'} loads (3 damaged): pass "
+                                   f"--overwrite=True to start afresh, or delete {save / 'all'}")
 
 
 def test_utterances_over_max_duration_are_left_out_of_training_with_one_line():
@@ -430,3 +437,16 @@ def test_a_checkpoint_write_that_hits_a_full_disk_removes_its_partial_files_and_
     restored = Counter()  # the rerun, once space is free
     checkpoint = SafeCheckpointer(tmp_path, recoverables={"a_model": restored}).recover_if_possible()
     assert checkpoint.path == first.path and restored.value.item() == 1.0
+
+
+def test_a_full_disk_on_the_main_process_stops_every_rank_alike_without_a_hang(tmp_path):
+    """SpeechBrain writes each file on the main process and then broadcasts: the failed
+    write must not skip that broadcast (the other rank would wait in it until the
+    collective timeout). Both ranks get the same line; the earlier checkpoint recovers."""
+    ranks = spawn("disk_full_on_the_main_process", tmp_path / "ddp", base=str(tmp_path / "save"))
+    first = ranks[0]["first"]
+    for result in ranks:
+        assert result["error"].startswith(f"could not save a checkpoint in {tmp_path / 'save'} (No space left on "
+                                          "device): the partial save was removed and the 1 earlier checkpoint(s)")
+        assert result["folders"] == [first]  # nothing partial left
+        assert result["recovered"] == first and result["value"] == 1.0
