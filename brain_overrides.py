@@ -41,6 +41,7 @@ class RecipeBrain(sb.Brain):
     saved_plan = None
     preemption = None  # preemption.PreemptionWatch, when preempt_signals is set
     stop_agreed = False  # some rank was asked to stop: save at the next step boundary, then stop
+    accumulated_finite = True  # every micro-batch of the optimizer step so far had a finite loss on every rank
 
     # Brain._save / _recover: SpeechBrain's own YAML (step, optimizer_step, ...) plus the plan.
     @sb.utils.checkpoints.mark_as_saver
@@ -105,7 +106,6 @@ class RecipeBrain(sb.Brain):
                 outputs = self.compute_forward(batch, sb.Stage.TRAIN)
                 loss = self.compute_objectives(outputs, batch, sb.Stage.TRAIN)
             self.scaler.scale(loss / self.grad_accumulation_factor).backward()
-        self.accumulated_finite = getattr(self, "accumulated_finite", True)
         finite, stop = self.nonfinite.agree(loss.detach(), self.preemption is not None and self.preemption.requested)
         self.accumulated_finite &= finite
         self.stop_agreed |= stop

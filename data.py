@@ -51,11 +51,6 @@ def open_hf(hparams, split):
     return _opened[key]
 
 
-def split_source(hparams, split):
-    """How a split is named in messages: its dataset or manifest path."""
-    return hf_spec(hparams, split) or hparams[f"{split}_csv"]
-
-
 def training_texts(hparams):
     """The training transcripts (tokenizer, LM, character set)."""
     if hf_spec(hparams, "train"):
@@ -161,35 +156,34 @@ def dataio_prepare(hparams, tokenizer, bad_rows, datasets=None):
     return datasets
 
 
-def validate_data(hparams, workers=1):
+def validate_data(hparams):
     """Check every row of every split; every rank gets the result.
 
     The result is reused when `manifest_check_file` holds one for the same data
     (CSV: the manifests and each audio file's size and time; HF: each shard's) and
-    settings. Otherwise the rows are checked by `workers` processes; under
+    settings. Otherwise the rows are checked by `check_workers` processes; under
     torch.distributed each rank checks its share of the rows (every node checks
     its own). Returns (the bad rows, to leave out with skip_invalid; the
     fingerprint to save; whether the saved result was used), or raises ConfigError
     with the report of every bad row."""
-    bad = empty = digest = missing = None
+    bad = empty = digest = missing = charset = None
     reused, started = False, time.time()
     if if_main_process():
         missing = _missing_source(hparams)
         if not missing:
-            limits = _limits(hparams)
             charset = charset_of(hparams)
-            digest = _fingerprint(hparams, limits, charset)
+            digest = _fingerprint(hparams, _limits(hparams), charset)
             saved = load_check(hparams["manifest_check_file"], digest)
             reused = saved is not None and all(
                 hf_data.load_durations(hparams["manifest_check_file"], split, len(open_hf(hparams, split)))
                 is not None for split in _measured_splits(hparams))
             if reused:
                 bad, empty = saved
-    missing, digest, reused = ddp_broadcast((missing, digest, reused))
+    missing, digest, reused, charset = ddp_broadcast((missing, digest, reused, charset))
     if missing:
         raise ConfigError(missing)
     if not reused:
-        bad, empty = _check_all(hparams)
+        bad, empty = _check_all(hparams, charset)
     bad, empty = ddp_broadcast((bad, empty))
     what = "reused the saved check" if reused else f"checked every row ({hparams['check_workers']} worker(s))"
     check_line = f"data check: {what} in {time.time() - started:.1f} s"
@@ -239,11 +233,11 @@ def _fingerprint(hparams, limits, charset):
     return f"{CHECK_VERSION}-" + "-".join(part[:16] for part in parts)
 
 
-def _check_all(hparams):
+def _check_all(hparams, charset):
     """(bad rows, empty-split lines) from checking every row, on `check_workers`
     processes, shared among the ranks under torch.distributed. The main process
     saves the measured durations of HF splits without a duration column."""
-    limits, charset, workers = _limits(hparams), charset_of(hparams), hparams["check_workers"]
+    limits, workers = _limits(hparams), hparams["check_workers"]
     rank, world = 0, 1
     if torch.distributed.is_initialized():  # the ranks are the parallel checkers: no forks beside CUDA and NCCL
         rank, world, workers = torch.distributed.get_rank(), torch.distributed.get_world_size(), 1

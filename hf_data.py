@@ -21,7 +21,7 @@ import numpy as np
 
 from audio import audio_source
 from preflight import ConfigError
-from recipes.validate_manifest import BadRow, audio_problems
+from recipes.validate_manifest import BadRow, audio_problems, stated_duration, text_problems
 
 INSTALL_HINT = "pip install -e '.[datasets]' (README: Corpora of thousands of hours)"
 
@@ -78,8 +78,12 @@ def open_split(spec, split, hf_split, columns):
     return dataset
 
 
-def row_id(dataset, columns, split, index):
-    return str(dataset[index][columns["id"]]) if columns.get("id") else f"{split}-{index}"
+def row_ids(rows, id_column, split, numbers):
+    """The IDs of `rows` (a Dataset, or a block read from one), whose row numbers in
+    their split are `numbers`: the id column's values, else `<split>-<row number>`."""
+    if id_column:
+        return [str(value) for value in rows[id_column]]
+    return [f"{split}-{n}" for n in numbers]
 
 
 class ArrowRows(Mapping):
@@ -131,29 +135,19 @@ def check_rows(dataset, columns, split, spec, indices, limits, charset):
     bad, seconds = [], np.full(len(indices), np.nan)
     if not len(indices):
         return bad, seconds
-    wanted = [c for c in (columns.get("id"), columns["audio"], columns["text"], columns.get("duration")) if c]
     start, stop = int(indices[0]), int(indices[-1]) + 1
-    block = dataset.select_columns(wanted)[start:stop]  # one read of a contiguous block
+    block = dataset[start:stop]  # one read of a contiguous block (open_split kept only the recipe's columns)
+    ids = row_ids(block, columns.get("id"), split, range(start, stop))
     label = f"{spec} [{split}]"
     for k, index in enumerate(indices):
         j = int(index) - start
-        utt_id = str(block[columns["id"]][j]) if columns.get("id") else f"{split}-{index}"
-        problems = []
-        text = (block[columns["text"]][j] or "").strip()
-        if not text:
-            problems.append("empty transcript")
-        unknown = sorted(set(text) - charset - {" "})
-        if unknown:
-            problems.append(f"characters the tokenizer cannot encode: {''.join(unknown)!r}")
+        problems = text_problems(block[columns["text"]][j], charset)
         stated = None
         if columns.get("duration"):
             value = block[columns["duration"]][j]
-            try:
-                stated = float(value)
-                assert np.isfinite(stated) and stated > 0
-            except (TypeError, ValueError, AssertionError):
+            stated = stated_duration(value)
+            if stated is None:
                 problems.append(f"duration {value!r} is not a number of seconds > 0")
-                stated = None
         audio = block[columns["audio"]][j]
         if audio is None or (isinstance(audio, dict) and not (audio.get("bytes") or audio.get("path"))):
             problems.append("no audio (neither bytes nor a path)")
@@ -162,7 +156,7 @@ def check_rows(dataset, columns, split, spec, indices, limits, charset):
             problems += found
             if measured is not None:
                 seconds[k] = measured
-        bad.extend(BadRow(label, int(index), utt_id, reason) for reason in problems)
+        bad.extend(BadRow(label, int(index), ids[j], reason) for reason in problems)
     return bad, seconds
 
 

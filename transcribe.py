@@ -60,9 +60,7 @@ def read_hf_audio(spec, split, id_column, audio_column):
     import hf_data
 
     dataset = hf_data.open_split(spec, split, split, {"id": id_column or None, "audio": audio_column})
-    audio = dataset[audio_column]
-    ids = [str(i) for i in dataset[id_column]] if id_column else [f"{split}-{i}" for i in range(len(dataset))]
-    return dict(zip(ids, audio))
+    return dict(zip(hf_data.row_ids(dataset, id_column, split, range(len(dataset))), dataset[audio_column]))
 
 
 def main(argv=None):

@@ -34,8 +34,7 @@ def valid_set(hparams):
         columns = dict(hparams["hf_columns"])
         dataset = hf_data.open_split(hparams["valid_data"], "valid", (hparams.get("hf_splits") or {}).get(
             "valid", "valid"), {**columns, "duration": None})
-        ids = [str(i) for i in dataset[columns["id"]]] if columns.get("id") else \
-            [f"valid-{i}" for i in range(len(dataset))]
+        ids = hf_data.row_ids(dataset, columns.get("id"), "valid", range(len(dataset)))
         return [(utt_id, audio, (text or "").split())
                 for utt_id, audio, text in zip(ids, dataset[columns["audio"]], dataset[columns["text"]])]
     rows = read_manifest(hparams["valid_csv"], hparams["data_folder"])

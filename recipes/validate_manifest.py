@@ -169,14 +169,8 @@ def training_charset(train_csv):
 
 
 def _row_problems(row, data_root, limits, charset):
-    problems = []
-    text = (row.get("wrd") or "").strip()
-    if not text:
-        problems.append("empty transcript")
-    unknown = sorted(set(text) - charset - {" "})
-    if unknown:
-        problems.append(f"characters the tokenizer cannot encode: {''.join(unknown)!r}")
-    stated = _stated_duration(row.get("duration"))
+    problems = text_problems(row.get("wrd"), charset)
+    stated = stated_duration(row.get("duration"))
     if stated is None:
         problems.append(f"duration {row.get('duration')!r} is not a number of seconds > 0")
     path = Path(row["wav"].replace("$data_root", str(data_root)))
@@ -213,8 +207,20 @@ def audio_problems(source, limits, stated):
     return problems, seconds
 
 
-def _stated_duration(text):
-    """The manifest's duration as a float > 0, or None."""
+def text_problems(text, charset):
+    """What is wrong with a transcript: empty, or characters the tokenizer cannot encode."""
+    problems = []
+    text = (text or "").strip()
+    if not text:
+        problems.append("empty transcript")
+    unknown = sorted(set(text) - charset - {" "})
+    if unknown:
+        problems.append(f"characters the tokenizer cannot encode: {''.join(unknown)!r}")
+    return problems
+
+
+def stated_duration(text):
+    """A stated duration (the manifest's text, or a dataset's value) as a float > 0, or None."""
     try:
         value = float(text)
     except (TypeError, ValueError):
