@@ -292,8 +292,8 @@ def check_run(hparams, hparams_file, run_opts, overrides, flags, world_size):
 
     Run by every rank (decisions on the main process) and, by launch_ddp.sh,
     once in a single process before torchrun starts the workers.
-    Returns (the output folder's lock (main process), bad rows, datasets, plan,
-    global batch sequence)."""
+    Returns (the output folder's lock (main process), the datasets without the bad
+    rows, the plan, the global batch sequence)."""
     precision = run_opts.precision if "precision" in run_opts.overridden_args else hparams.get("precision", "fp32")
     check_hparams(hparams, precision, run_opts.device or sb.utils.distributed.infer_device())
     if flags["find_unused_parameters"] is None and hparams.get("find_unused_parameters") is not None:
@@ -334,7 +334,7 @@ def _check_data_and_plan(hparams, hparams_file, run_opts, overrides, flags, worl
         log = logger.debug if os.environ.get(CHECKED_ENV) and not flags["check_only"] else logger.info
         for line in [*([filtered] if filtered else []), plan.describe(), *describe_schedule(plan.total_steps, hparams["lr"], hparams["freeze_encoder"])]:
             log(line)
-    return bad, datasets, plan, batches
+    return datasets, plan, batches
 
 
 def main(argv):
@@ -349,27 +349,28 @@ def main(argv):
     hparams = load_hparams(hparams_file, overrides)
     if not flags["check_only"]:
         check_shared_folders(hparams["output_folder"], hparams["data_folder"])
-    lock, bad, datasets, plan, batches = check_run(hparams, hparams_file, run_opts, overrides, flags, world_size)
+    lock, datasets, plan, batches = check_run(hparams, hparams_file, run_opts, overrides, flags, world_size)
     if flags["check_only"]:
         print(f"checks passed for world size {world_size}: settings, manifests, output folder", flush=True)
         if lock is not None and not os.environ.get(RUN_ID_ENV):  # launch_ddp.sh's workers keep the hold
             lock.release()
         return None
+    if lock is not None:
+        lock.start_heartbeat()
     try:
-        return train(hparams, run_opts, flags, bad, datasets, plan, batches, distributed, world_size,
-                     lock.start_heartbeat() if lock is not None else None)
+        return train(hparams, run_opts, flags, datasets, plan, batches, distributed, world_size)
     finally:
         if lock is not None:
             lock.release()
 
 
-def train(hparams, run_opts, flags, bad, datasets, plan, batches, distributed, world_size, lock):
+def train(hparams, run_opts, flags, datasets, plan, batches, distributed, world_size):
     """Tokenizer, LM, model and the Brain; fit, then the test evaluation. Returns the Brain."""
     run_on_main(
         train_tokenizer,
         kwargs={
             "train_csv": None,
-            "texts": training_texts(hparams),
+            "texts": training_texts(hparams) if if_main_process() else None,  # run on the main process only
             "model_dir": hparams["save_folder"],
             "vocab_size": hparams["vocab_size"],
             "model_type": hparams["token_type"],
