@@ -82,7 +82,8 @@ class SafeCheckpointer(Checkpointer):
             checkpoint = super().save_checkpoint(*args, **kwargs)
         finally:
             self.custom_save_hooks = own_hooks
-        failure = ddp_broadcast(self._failed_save(self._write_error) if self._write_error else None)
+        failed = self._write_error is not None and if_main_process()  # the main process decides and cleans up
+        failure = ddp_broadcast(self._failed_save(self._write_error) if failed else None)
         if failure:
             raise ConfigError(failure)
         ddp_barrier()  # every rank has written its files
