@@ -104,3 +104,14 @@ def demo_slice(folder, rows):
         manifests[split] = folder / f"{split}.csv"
         manifests[split].write_text("\n".join(lines[: count + 1]) + "\n")
     return manifests
+
+
+def wait_for(condition, process, log_path, timeout=600, poll=0.1):
+    """Wait until `condition()` holds while `process` runs; fail with its log when it
+    ended first or after `timeout` seconds (generous: a loaded CI machine starts slowly)."""
+    import time
+
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(poll)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import demo_slice, free_port, worker_pid
+from helpers import demo_slice, free_port, wait_for, worker_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo_data"
@@ -24,13 +24,6 @@ ROWS = {"train": 240, "valid": 8, "test": 8}  # about 18 optimizer steps in the 
 
 def checkpoints(out):
     return {c.name for c in (out / "save").glob("CKPT+*") if (c / "CKPT.yaml").exists()}
-
-
-def wait_for(condition, process, log_path, timeout=600):
-    deadline = time.time() + timeout  # generous: a loaded CI machine starts slowly
-    while not condition():
-        assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

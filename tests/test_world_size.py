@@ -11,13 +11,12 @@ import sys
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from encoder_loading import make_local_checkpoint
-from helpers import demo_slice, free_port, hf_copies, worker_pid
+from helpers import demo_slice, free_port, hf_copies, wait_for, worker_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo_data"
@@ -188,10 +187,7 @@ def test_transcribe_and_tune_decoding_read_a_parquet_split_like_its_manifest(hf_
 
 def wait_rows(out, process, log_path, count):
     """Wait until train_steps.csv has `count` rows (or fail with the log)."""
-    deadline = time.time() + 600
-    while not ((out / "train_steps.csv").exists() and len(step_rows(out)) >= count):
-        assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-        time.sleep(0.1)
+    wait_for(lambda: (out / "train_steps.csv").exists() and len(step_rows(out)) >= count, process, log_path)
 
 
 @pytest.fixture(scope="session")
@@ -204,10 +200,7 @@ def preempted_run(corpus):
     runs = {}
     process, out, log_path = start(corpus, 2, "preempted", *args)
     lock = out / ".run-lock.json"
-    deadline = time.time() + 300
-    while not lock.exists():  # taken by launch_ddp.sh's check, before the workers start
-        assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-        time.sleep(0.05)
+    wait_for(lock.exists, process, log_path, timeout=300, poll=0.05)  # taken by launch_ddp.sh's check, before the workers
     holder = lock.read_text()
     second, _, second_log = start(corpus, 2, "preempted", *args, log="second")
     runs["second"] = second.wait(timeout=600), second_log.read_text()
