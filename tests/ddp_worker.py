@@ -104,6 +104,32 @@ def _entry(rank, world, init_file, out_dir, fn_name, kwargs):
     dist.destroy_process_group()
 
 
+def scenarios(plan):
+    """Each scenario of `plan` ({name: (function name, kwargs)}) in turn, in this one
+    process group (one spawn and one set of imports for a whole module's scenarios):
+    {name: its result, or {"exception": traceback}}."""
+    results = {}
+    for name, (fn_name, kwargs) in plan.items():
+        try:
+            results[name] = globals()[fn_name](**kwargs)
+        except Exception:
+            results[name] = {"exception": traceback.format_exc()}
+    return results
+
+
+def spawn_scenarios(plan, tmp_path, world=2):
+    """`scenarios(plan)` on `world` gloo processes: {name: [each rank's result]}."""
+    ranks = spawn("scenarios", tmp_path, world=world, plan=plan)
+    return {name: [rank[name] for rank in ranks] for name in plan}
+
+
+def results_of(runs, name):
+    """The ranks' results of scenario `name` of spawn_scenarios, failing with a rank's traceback."""
+    for rank, result in enumerate(runs[name]):
+        assert not (isinstance(result, dict) and "exception" in result), f"{name}, rank {rank}:\n{result['exception']}"
+    return runs[name]
+
+
 def spawn(fn_name, tmp_path, world=2, **kwargs):
     """Run `fn_name(**kwargs)` on `world` gloo processes; return each rank's result."""
     tmp_path.mkdir(parents=True, exist_ok=True)

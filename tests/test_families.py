@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from ddp_worker import spawn
+from ddp_worker import results_of, spawn_scenarios
 from layerdrop import layerdrop_schedule
 from wavlm_wrapper import SpeechEncoder
 
@@ -29,13 +29,37 @@ FAMILIES = {
 NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0)
 
 
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    """{family: its tiny model's folder}."""
+    dirs = {}
+    for name, fields in FAMILIES.items():
+        fields = dict(fields)
+        dirs[name] = tmp_path_factory.mktemp(name)
+        torch.manual_seed(0)
+        AutoModel.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields)).save_pretrained(dirs[name])
+    return dirs
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def family_dir(request, tmp_path_factory):
-    fields = dict(FAMILIES[request.param])
-    folder = tmp_path_factory.mktemp(request.param)
-    torch.manual_seed(0)
-    AutoModel.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields)).save_pretrained(folder)
-    return folder
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def family_dir(family, family_dirs):
+    return family_dirs[family]
+
+
+@pytest.fixture(scope="module")
+def synced_runs(family_dirs, tmp_path_factory):
+    """Every family trained by 2 ranks with synced LayerDrop 0.5, in one 2-rank spawn."""
+    return spawn_scenarios({name: ("train", dict(model_dir=str(folder), steps=STEPS, batch_per_rank=2, layerdrop=0.5,
+                                                 mode="synced", find_unused=True))
+                            for name, folder in family_dirs.items()}, tmp_path_factory.mktemp("synced_runs"))
 
 
 def padded_batch(lengths, seed=0):
@@ -80,13 +104,11 @@ def test_each_utterance_of_a_padded_batch_gets_what_hf_computes_for_it_alone(fam
             torch.testing.assert_close(mine[name].grad, p.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_two_ranks_with_synced_layerdrop_drop_the_same_layers_and_stay_identical(family_dir, tmp_path):
-    steps = 4
-    ranks = spawn("train", tmp_path, model_dir=str(family_dir), steps=steps, batch_per_rank=2, layerdrop=0.5,
-                  mode="synced", find_unused=True)
+def test_two_ranks_with_synced_layerdrop_drop_the_same_layers_and_stay_identical(family, synced_runs):
+    ranks = results_of(synced_runs, family)
     for name, value in ranks[0]["params"].items():
         assert torch.equal(value, ranks[1]["params"][name]), name
-    expected = [layerdrop_schedule(s, 4, 0.5, seed=0) for s in range(steps)]
+    expected = [layerdrop_schedule(s, 4, 0.5, seed=0) for s in range(STEPS)]
     assert any(any(d) for d in expected)
     for result in ranks:
         assert [h["drop"] for h in result["history"]] == expected

@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 from speechbrain.utils.checkpoints import METAFNAME
 
-from ddp_worker import spawn
+from ddp_worker import results_of, spawn_scenarios
 from fault_tolerance import NonFiniteGuard, SafeCheckpointer
 from preflight import ConfigError, check_hparams, check_output_folder
 from recipes.validate_manifest import (
@@ -259,8 +259,23 @@ def test_nonfinite_steps_are_skipped_then_stop_after_patience(caplog):
     assert guard.skipped_total == 5
 
 
-def test_a_nonfinite_loss_on_one_rank_makes_every_rank_skip(tmp_path):
-    ranks = spawn("nonfinite_on_one_rank", tmp_path, patience=2)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The scenarios of this module that need two ranks, in one 2-rank spawn
+    (ddp_worker.scenarios): (their base folder, {name: each rank's result})."""
+    base = tmp_path_factory.mktemp("two_ranks")
+    for name in ("own_folders", "damaged", "disk_full"):
+        (base / name).mkdir()
+    return base, spawn_scenarios({
+        "nonfinite": ("nonfinite_on_one_rank", dict(patience=2)),
+        "checkpoints_seen_differently": ("checkpoints_seen_differently", dict(base=str(base / "own_folders"))),
+        "damaged": ("damaged_checkpoints", dict(base=str(base / "damaged"))),
+        "disk_full": ("disk_full_on_the_main_process", dict(base=str(base / "disk_full"))),
+    }, base / "ddp")
+
+
+def test_a_nonfinite_loss_on_one_rank_makes_every_rank_skip(two_ranks):
+    ranks = results_of(two_ranks[1], "nonfinite")
     for result in ranks:
         assert result["decisions"] == [True, False, False]
         assert "nonfinite_patience=2" in result["error"]
@@ -316,11 +331,11 @@ def test_an_output_folder_of_another_configuration_is_refused_unless_asked(tmp_p
     assert check_output_folder(tmp_path, other, False, True) == "overwrite"
 
 
-def test_ranks_that_list_different_checkpoints_keep_delete_and_recover_alike(tmp_path):
+def test_ranks_that_list_different_checkpoints_keep_delete_and_recover_alike(two_ranks):
     """Each rank has its own checkpoint folder (as SpeechBrain's debug mode gave
     them): rank 0 sees checkpoints to delete, rank 1 none. SpeechBrain's own
     deletion hung here; the decisions now come from the main process."""
-    ranks = spawn("checkpoints_seen_differently", tmp_path / "ddp", base=str(tmp_path))
+    ranks = results_of(two_ranks[1], "checkpoints_seen_differently")
     assert ranks[0]["recovered"] == ranks[1]["recovered"] == 20.0  # the best WER, on both ranks
     assert ranks[0]["kept"] == ranks[1]["kept"] == [20.0, 35.0]  # the best and the latest
     assert ranks[1]["own_folder"] == []  # rank 1 never wrote a checkpoint of its own
@@ -361,10 +376,10 @@ def test_a_watchdog_that_sees_progress_stays_quiet(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def damaged(tmp_path_factory):
-    """Both damage scenarios of ddp_worker.damaged_checkpoints, in one 2-rank spawn."""
-    base = tmp_path_factory.mktemp("damaged")
-    return base / "save", spawn("damaged_checkpoints", base / "ddp", base=str(base / "save"))
+def damaged(two_ranks):
+    """Both damage scenarios of ddp_worker.damaged_checkpoints: (their folder, each rank's result)."""
+    base, runs = two_ranks
+    return base / "damaged", results_of(runs, "damaged")
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_on_every_rank(damaged):
@@ -439,14 +454,15 @@ def test_a_checkpoint_write_that_hits_a_full_disk_removes_its_partial_files_and_
     assert checkpoint.path == first.path and restored.value.item() == 1.0
 
 
-def test_a_full_disk_on_the_main_process_stops_every_rank_alike_without_a_hang(tmp_path):
+def test_a_full_disk_on_the_main_process_stops_every_rank_alike_without_a_hang(two_ranks):
     """SpeechBrain writes each file on the main process and then broadcasts: the failed
     write must not skip that broadcast (the other rank would wait in it until the
     collective timeout). Both ranks get the same line; the earlier checkpoint recovers."""
-    ranks = spawn("disk_full_on_the_main_process", tmp_path / "ddp", base=str(tmp_path / "save"))
+    base, runs = two_ranks
+    ranks = results_of(runs, "disk_full")
     first = ranks[0]["first"]
     for result in ranks:
-        assert result["error"].startswith(f"could not save a checkpoint in {tmp_path / 'save'} (No space left on "
+        assert result["error"].startswith(f"could not save a checkpoint in {base / 'disk_full'} (No space left on "
                                           "device): the partial save was removed and the 1 earlier checkpoint(s)")
         assert result["folders"] == [first]  # nothing partial left
         assert result["recovered"] == first and result["value"] == 1.0

@@ -1,36 +1,46 @@
 """LayerDrop under DDP on 2 CPU gloo processes: the original failure, the
-supported configurations, and exact equivalence with single-process training."""
+supported configurations, and exact equivalence with single-process training.
+Every scenario runs in one 2-rank spawn (ddp_worker.scenarios), shared by the tests."""
 
 import pytest
 import torch
 
-from ddp_worker import spawn, train
+from ddp_worker import results_of, spawn_scenarios, train
 from preflight import REDUCTION_ERROR
 from layerdrop import layerdrop_schedule
 
 STEPS = 4
 
 
-def test_hf_layerdrop_without_find_unused_parameters_dies_with_the_reduction_error(tiny_wavlm_dir, tmp_path):
-    errors = spawn("stock_hf_with_layerdrop", tmp_path, model_dir=str(tiny_wavlm_dir), layerdrop=0.9)
-    for error in errors:
+@pytest.fixture(scope="module")
+def runs(tiny_wavlm_dir, tmp_path_factory):
+    model = str(tiny_wavlm_dir)
+    trained = dict(model_dir=model, steps=STEPS, batch_per_rank=2)
+    return spawn_scenarios({
+        "synced": ("train", dict(trained, layerdrop=0.5, mode="synced", find_unused=True)),
+        "independent": ("train", dict(trained, layerdrop=0.5, mode="independent", find_unused=True)),
+        "layerdrop0-no-find-unused": ("train", dict(trained, layerdrop=0.0, mode="synced", find_unused=False)),
+        "checkpointing": ("train", dict(trained, layerdrop=0.5, mode="synced", find_unused=True, checkpointing=True)),
+        "sync_check": ("sync_check", {}),
+        # Last: these end in DDP's reduction error (on every rank alike).
+        "hf_layerdrop": ("stock_hf_with_layerdrop", dict(model_dir=model, layerdrop=0.9)),
+        "hf_no_layerdrop": ("stock_hf_with_layerdrop", dict(model_dir=model, layerdrop=0.0)),
+    }, tmp_path_factory.mktemp("layerdrop_ddp"))
+
+
+def test_hf_layerdrop_without_find_unused_parameters_dies_with_the_reduction_error(runs):
+    for error in results_of(runs, "hf_layerdrop"):
         assert error is not None and REDUCTION_ERROR in error
 
 
-def test_hf_without_layerdrop_still_dies_on_the_unused_masked_spec_embed(tiny_wavlm_dir, tmp_path):
-    errors = spawn("stock_hf_with_layerdrop", tmp_path, model_dir=str(tiny_wavlm_dir), layerdrop=0.0)
-    for error in errors:
+def test_hf_without_layerdrop_still_dies_on_the_unused_masked_spec_embed(runs):
+    for error in results_of(runs, "hf_no_layerdrop"):
         assert error is not None and REDUCTION_ERROR in error
 
 
-@pytest.mark.parametrize(
-    "layerdrop,mode,find_unused",
-    [(0.5, "synced", True), (0.5, "independent", True), (0.0, "synced", False)],
-    ids=["synced", "independent", "layerdrop0-no-find-unused"],
-)
-def test_supported_configurations_train_and_keep_ranks_identical(tiny_wavlm_dir, tmp_path, layerdrop, mode, find_unused):
-    ranks = spawn("train", tmp_path, model_dir=str(tiny_wavlm_dir), steps=STEPS, batch_per_rank=2,
-                  layerdrop=layerdrop, mode=mode, find_unused=find_unused)
+@pytest.mark.parametrize("scenario", ["synced", "independent", "layerdrop0-no-find-unused"])
+def test_supported_configurations_train_and_keep_ranks_identical(runs, tiny_wavlm_dir, scenario):
+    ranks = results_of(runs, scenario)
     initial = train(str(tiny_wavlm_dir), steps=0, batch_per_rank=2, layerdrop=0.0, mode="synced", find_unused=False)
     for name, value in ranks[0]["params"].items():
         assert torch.equal(value, ranks[1]["params"][name]), name
@@ -38,9 +48,8 @@ def test_supported_configurations_train_and_keep_ranks_identical(tiny_wavlm_dir,
     assert not torch.equal(ranks[0]["params"][head], initial["params"][head])  # it did train
 
 
-def test_synced_ranks_drop_the_same_layers_which_get_no_gradient_and_do_not_move(tiny_wavlm_dir, tmp_path):
-    ranks = spawn("train", tmp_path, model_dir=str(tiny_wavlm_dir), steps=STEPS, batch_per_rank=2,
-                  layerdrop=0.5, mode="synced", find_unused=True)
+def test_synced_ranks_drop_the_same_layers_which_get_no_gradient_and_do_not_move(runs):
+    ranks = results_of(runs, "synced")
     num_layers = len(ranks[0]["history"][0]["drop"])
     expected = [layerdrop_schedule(s, num_layers, 0.5, seed=0) for s in range(STEPS)]
     assert any(any(d) for d in expected), "the schedule should drop something in these steps"
@@ -52,33 +61,30 @@ def test_synced_ranks_drop_the_same_layers_which_get_no_gradient_and_do_not_move
         assert result["drop_counts"] == [sum(col) for col in zip(*expected)]
 
 
-def test_independent_ranks_draw_different_layers(tiny_wavlm_dir, tmp_path):
-    ranks = spawn("train", tmp_path, model_dir=str(tiny_wavlm_dir), steps=STEPS, batch_per_rank=2,
-                  layerdrop=0.5, mode="independent", find_unused=True)
+def test_independent_ranks_draw_different_layers(runs):
+    ranks = results_of(runs, "independent")
     drops = [[h["drop"] for h in r["history"]] for r in ranks]
     assert drops[0] != drops[1]
 
 
-def test_two_ranks_equal_one_process_on_the_global_batch(tiny_wavlm_dir, tmp_path):
-    ranks = spawn("train", tmp_path, model_dir=str(tiny_wavlm_dir), steps=STEPS, batch_per_rank=2,
-                  layerdrop=0.5, mode="synced", find_unused=True)
+def test_two_ranks_equal_one_process_on_the_global_batch(runs, tiny_wavlm_dir):
+    ranks = results_of(runs, "synced")
     single = train(str(tiny_wavlm_dir), steps=STEPS, batch_per_rank=4, layerdrop=0.5, mode="synced", find_unused=True)
     assert [h["drop"] for h in single["history"]] == [h["drop"] for h in ranks[0]["history"]]
     for name, value in single["params"].items():
         torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_the_cross_rank_check_passes_on_equal_drops_and_stops_on_a_mismatch(tmp_path):
-    for same, differ in spawn("sync_check", tmp_path):
+def test_the_cross_rank_check_passes_on_equal_drops_and_stops_on_a_mismatch(runs):
+    for same, differ in results_of(runs, "sync_check"):
         assert same is None
         assert "ranks dropped different layers" in differ and "--layerdrop_mode" in differ
 
 
-def test_activation_checkpointing_trains_two_synced_ranks_exactly_as_without_it(tiny_wavlm_dir, tmp_path):
+def test_activation_checkpointing_trains_two_synced_ranks_exactly_as_without_it(runs, tiny_wavlm_dir):
     """Non-reentrant checkpointing under DDP with find_unused_parameters and synced
     LayerDrop 0.5: the same drops, no gradient for the dropped layers, the same weights."""
-    ranks = spawn("train", tmp_path, model_dir=str(tiny_wavlm_dir), steps=STEPS, batch_per_rank=2,
-                  layerdrop=0.5, mode="synced", find_unused=True, checkpointing=True)
+    ranks = results_of(runs, "checkpointing")
     plain = train(str(tiny_wavlm_dir), steps=STEPS, batch_per_rank=4, layerdrop=0.5, mode="synced", find_unused=True)
     for result in ranks:
         assert [h["no_grad"] for h in result["history"]] == [h["drop"] for h in plain["history"]]
