@@ -1,8 +1,8 @@
 """One YAML on any number of ranks, through launch_ddp.sh on 2 CPU gloo processes
-or 1: the same global batch, optimizer steps and learning rates; the same from
-parquet and save_to_disk data; a preempted run resumed on another world size
-continues the schedule row for row; one run per output folder; the checks run
-once, before the workers. (A hard kill and its restart: test_restarts.py.)"""
+or 1: the same global batch, optimizer steps and learning rates, from CSV manifests,
+a save_to_disk dataset and parquet shards alike; a preempted run resumed on another
+world size continues the schedule row for row; one run per output folder; the checks
+run once, before the workers. (A hard kill and its restart: test_restarts.py.)"""
 
 import csv
 import os
@@ -25,16 +25,28 @@ ROWS = {"train": 72, "valid": 8, "test": 8}  # a slice of the demo corpus: about
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    """(folder, manifest arguments) for a slice of the demo corpus."""
+    """(folder, manifest arguments) for a slice of the demo corpus; the same slice as
+    parquet shards and as a save_to_disk DatasetDict without a duration column
+    (helpers.hf_copies) lie in folder / "parquet" and folder / "save_to_disk"."""
     folder = tmp_path_factory.mktemp("world_size")
-    args = [f"--{split}_csv={path}" for split, path in demo_slice(folder, ROWS).items()]
+    manifests = demo_slice(folder, ROWS)
+    hf_copies(folder, manifests, DEMO)
     # The demo model made before any run: a run that creates it draws other dropout masks
     # (encoder_loading.make_local_checkpoint), and every run here must train alike.
     from hyperpyyaml import load_hyperpyyaml
 
     demo = load_hyperpyyaml((ROOT / "hparams" / "demo.yaml").read_text())["wavlm"].keywords
     make_local_checkpoint(folder / "wavlm-small", demo["init_config"], demo["init_seed"])
-    return folder, args
+    return folder, [f"--{split}_csv={path}" for split, path in manifests.items()]
+
+
+def parquet_args(corpus):
+    return [f"--{split}_data={corpus[0] / 'parquet' / split}" for split in ROWS]
+
+
+def save_to_disk_args(corpus):
+    return [*(f"--{split}_data={corpus[0] / 'save_to_disk'}" for split in ROWS),
+            "--hf_columns={id: id, audio: audio, text: text, duration: null}"]
 
 
 def start(corpus, nproc, name, *args, log=""):
@@ -66,10 +78,11 @@ def step_rows(out):
 
 @pytest.fixture(scope="session")
 def reference_runs(corpus):
-    """The same YAML trained uninterrupted by 2 ranks and by 1 process: {nproc: (log, output folder)}."""
+    """The same YAML trained uninterrupted by 2 ranks from the CSV manifests and by 1
+    process from the save_to_disk copy: {nproc: (log, output folder)}."""
     runs = {}
-    for nproc in (2, 1):
-        process, out, log_path = start(corpus, nproc, f"reference{nproc}", "--freeze_encoder=0.2")
+    for nproc, data in ((2, []), (1, save_to_disk_args(corpus))):
+        process, out, log_path = start(corpus, nproc, f"reference{nproc}", "--freeze_encoder=0.2", *data)
         runs[nproc] = finish(process, log_path), out
     return runs
 
@@ -123,56 +136,20 @@ def test_sharded_evaluation_on_two_ranks_gives_the_single_process_wer(reference_
     assert ids(sharded) == ids(single) and len(ids(single)) == ROWS["test"]
 
 
-@pytest.fixture(scope="session")
-def hf_runs(corpus):
-    """The reference runs' corpus as parquet shards, trained by 2 ranks; and as a
-    save_to_disk DatasetDict without a duration column, started on 2 ranks, preempted
-    (SIGTERM to launch_ddp.sh) and finished on 1 process. {nproc: (log, output
-    folder)}, the parquet folder, the preempted launch's exit status."""
-    folder, _ = corpus
-    parquet, disk = hf_copies(folder, {split: folder / f"{split}.csv" for split in ROWS}, DEMO)
-    runs = {}
-    process, out, log_path = start(corpus, 2, "hf2", "--freeze_encoder=0.2",
-                                   *[f"--{split}_data={parquet / split}" for split in ROWS])
-    runs[2] = finish(process, log_path), out
-    disk_args = ["--freeze_encoder=0.2", *[f"--{split}_data={disk}" for split in ROWS],
-                 "--hf_columns={id: id, audio: audio, text: text, duration: null}"]
-    process, out, log_path = start(corpus, 2, "hf1", *disk_args, log="preempted")
-    wait_rows(out, process, log_path, 2)
-    os.kill(process.pid, signal.SIGTERM)
-    preempted = process.wait(timeout=600), log_path.read_text()
-    process, out, log_path = start(corpus, 1, "hf1", *disk_args)
-    runs[1] = finish(process, log_path), out
-    return runs, parquet, preempted
+def test_a_save_to_disk_dataset_without_durations_is_measured_once_and_kept(reference_runs):
+    log, out = reference_runs[1]
+    durations = list((out / "save").glob("manifest_check.*.durations.npy"))
+    assert sorted(p.name.split(".")[1] for p in durations) == ["test", "train", "valid"]
 
 
-def test_parquet_and_save_to_disk_data_train_the_csv_runs_steps_also_resumed_on_another_world_size(
-        reference_runs, hf_runs):
-    runs, _, (preempted_code, preempted_log) = hf_runs
-    assert preempted_code == 75, preempted_log[-3000:]
-    for nproc in (2, 1):
-        csv_log, csv_out = reference_runs[nproc]
-        hf_log, hf_out = runs[nproc]
-        assert plan_line(hf_log) == plan_line(csv_log)
-        assert step_rows(hf_out) == step_rows(csv_out)  # step, epoch, learning rates, frozen or not
-    assert "resumed from checkpoint: epoch" in runs[1][0]
-    durations = list((runs[1][1] / "save").glob("manifest_check.*.durations.npy"))
-    assert sorted(p.name.split(".")[1] for p in durations) == ["test", "train", "valid"]  # no duration column
-    # The same audio in the same batches: the same losses, and the same test WER.
-    losses = lambda out: (out / "train_steps.csv").read_text().splitlines()
-    assert losses(runs[2][1]) == losses(reference_runs[2][1])
-    assert (runs[2][1] / "wer_test.txt").read_text().splitlines()[0] == \
-        (reference_runs[2][1] / "wer_test.txt").read_text().splitlines()[0]
-
-
-def test_transcribe_and_tune_decoding_read_a_parquet_split_like_its_manifest(hf_runs, corpus):
+def test_transcribe_and_tune_decoding_read_a_parquet_split_like_its_manifest(preempted_run, corpus):
     import tune_decoding
     from inference import TrainedModel
     from transcribe import main as transcribe
 
-    runs, parquet, _ = hf_runs
+    _, out = preempted_run  # trained from the parquet shards
     folder, _ = corpus
-    out = runs[2][1]
+    parquet = folder / "parquet"
     from_hf, failed = transcribe([str(out), "--data", str(parquet / "test")])
     from_csv, _ = transcribe([str(out), "--csv", str(folder / "test.csv"), "--data_root", str(DEMO)])
     assert not failed and dict(from_hf) == dict(from_csv) and len(from_hf) == ROWS["test"]
@@ -192,11 +169,12 @@ def wait_rows(out, process, log_path, count):
 
 @pytest.fixture(scope="session")
 def preempted_run(corpus):
-    """The reference configuration stopped twice and rerun to the end, each time on
-    another world size: 2 ranks, SIGUSR1 to rank 1 alone; 1 process (accumulating 2
-    batches), SIGTERM to launch_ddp.sh; 2 ranks to the end. Meanwhile a second launch on
-    the same folder. {name: (exit status, log)}, the output folder."""
-    args = ("--freeze_encoder=0.2",)
+    """The reference configuration, from the parquet shards, stopped twice and rerun to
+    the end, each time on another world size: 2 ranks, SIGUSR1 to rank 1 alone; 1
+    process (accumulating 2 batches), SIGTERM to launch_ddp.sh; 2 ranks to the end.
+    Meanwhile a second launch on the same folder. {name: (exit status, log), "first":
+    the rows logged by the first 2-rank launch}, the output folder."""
+    args = ("--freeze_encoder=0.2", *parquet_args(corpus))
     runs = {}
     process, out, log_path = start(corpus, 2, "preempted", *args)
     lock = out / ".run-lock.json"
@@ -208,6 +186,7 @@ def preempted_run(corpus):
     wait_rows(out, process, log_path, 2)
     os.kill(worker_pid(str(out), rank=1), signal.SIGUSR1)
     runs["rank1"] = process.wait(timeout=600), log_path.read_text()
+    runs["first"] = (out / "train_steps.csv").read_text().splitlines()
     rows = len(step_rows(out))
     process, _, log_path = start(corpus, 1, "preempted", *args, log="again")  # resumed on 1 process
     wait_rows(out, process, log_path, rows + 2)
@@ -236,6 +215,16 @@ def test_a_preempted_run_saves_at_the_next_step_and_resumes_there_on_any_world_s
             assert f"resuming mid-epoch with world size {world} x accumulation {accumulation}" in runs[name][1]
     # Row for row what the uninterrupted run logged: no step lost, none repeated, on any world size.
     assert step_rows(out) == step_rows(reference_runs[2][1])
+
+
+def test_parquet_shards_give_the_manifests_batches_and_losses(preempted_run, reference_runs):
+    """Until its first preemption the parquet run is the CSV reference's configuration
+    on the same 2 ranks: the same audio in the same batches, so the same losses."""
+    runs, _ = preempted_run
+    first = runs["first"]
+    assert len(first) > 2  # the header and at least 2 steps
+    assert first == (reference_runs[2][1] / "train_steps.csv").read_text().splitlines()[: len(first)]
+    assert plan_line(runs["rank1"][1]) == plan_line(reference_runs[2][0])
 
 
 def test_a_second_run_on_a_folder_in_use_stops_with_one_line_and_writes_nothing(preempted_run, reference_runs):
