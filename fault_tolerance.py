@@ -299,25 +299,36 @@ def rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def check_shared_folders(output_folder, data_folder):
-    """Every rank proves that it sees the main process's `output_folder` and
-    `data_folder` before anything is written: the main process writes a token into
-    the output folder (removed again) and lists the data folder; every rank looks
-    for both. A rank on a node without a shared file system fails here, with one
-    line, instead of later on a missing tokenizer or checkpoint."""
+def check_shared_folders(output_folder, data_folder, data_paths=()):
+    """Every rank proves that it sees the main process's `output_folder`, `data_folder`
+    and HF datasets (`data_paths`: the `<split>_data` values) before anything is
+    written: the main process writes a token into the output folder (removed again),
+    lists the data folder and the datasets' files; every rank looks for all of them.
+    A rank on a node without a shared file system fails here, with one line, instead
+    of later on a missing tokenizer, checkpoint or shard (or in a collective that the
+    others wait in). What the main process cannot read itself is left to the data
+    check, which names it."""
     if not torch.distributed.is_initialized():
         return
-    token, listing, created = None, None, False
+    from hf_data import data_files
+
+    token, listing, files, created = None, None, None, False
     if if_main_process():
         out = Path(output_folder)
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         token = f".shared-folder-check-{uuid.uuid4().hex}"
         (out / token).write_text(socket.gethostname())
-        listing = sorted(os.listdir(data_folder))[:20]
-    token, listing = ddp_broadcast((token, listing))
+        listing = sorted(os.listdir(data_folder))[:20] if Path(data_folder).is_dir() else []
+        files = []
+        for spec in data_paths:
+            try:
+                files += data_files(spec)[:20]
+            except ConfigError:
+                pass
+    token, listing, files = ddp_broadcast((token, listing, files))
     sees_output = (Path(output_folder) / token).exists()
-    sees_data = Path(data_folder).is_dir() and all((Path(data_folder) / name).exists() for name in listing)
+    sees_data = all((Path(data_folder) / name).exists() for name in listing) and all(Path(f).exists() for f in files)
     views = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(views, (socket.gethostname(), sees_output, sees_data))
     if if_main_process():
@@ -326,10 +337,11 @@ def check_shared_folders(output_folder, data_folder):
             Path(output_folder).rmdir()
     blind = [f"rank {r} on {host}" for r, (host, out_ok, data_ok) in enumerate(views) if not (out_ok and data_ok)]
     if blind:
+        datasets = "".join(f", {path}" for path in data_paths)
         raise ConfigError(
-            f"{', '.join(blind)} cannot see the output_folder={output_folder} and data_folder={data_folder} "
-            f"of rank 0 on {views[0][0]}: multi-node training needs both on a file system shared by all "
-            "nodes (NFS, Lustre, ...): set --output_folder and --data_folder to such paths"
+            f"{', '.join(blind)} cannot see the output_folder={output_folder} and data_folder={data_folder}{datasets} "
+            f"of rank 0 on {views[0][0]}: multi-node training needs all of them on a file system shared by all "
+            "nodes (NFS, Lustre, ...): set --output_folder, --data_folder and any --<split>_data to such paths"
         )
 
 

@@ -60,7 +60,13 @@ if [[ -n "${SLURM_JOB_ID:-}" && -z "${NNODES:-}" && -z "${RDZV_ENDPOINT:-}" ]]; 
     fi
 fi
 
-gpus=$("$python" -c "import torch; print(torch.cuda.device_count())")
+# torch's count of GPUs; 0 without asking it where the machine has no GPU device node
+# (NVIDIA's, ROCm's or WSL's): a CPU machine saves a torch import (seconds) per launch.
+if compgen -G "/dev/nvidia[0-9]*" >/dev/null || [[ -e /dev/kfd || -e /dev/dxg ]]; then
+    gpus=$("$python" -c "import torch; print(torch.cuda.device_count())")
+else
+    gpus=0
+fi
 if [[ "$gpus" -gt 0 ]]; then
     nproc="${NPROC_PER_NODE:-$gpus}"
     backend=nccl

@@ -26,7 +26,8 @@ from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main
 
 from brain_overrides import RecipeBrain
-from data import charset_of, dataio_prepare, hf_spec, read_datasets, training_plan, training_texts, validate_data
+from data import (SPLITS, charset_of, dataio_prepare, hf_spec, read_datasets, training_plan, training_texts,
+                  validate_data)
 from decoding import CTCDecoder, check_decoding, search_settings
 from fault_tolerance import NonFiniteGuard, Watchdog, check_shared_folders, init_distributed, progress
 from preflight import (
@@ -348,7 +349,8 @@ def main(argv):
     world_size = torch.distributed.get_world_size() if distributed else flags["world_size"] or 1
     hparams = load_hparams(hparams_file, overrides)
     if not flags["check_only"]:
-        check_shared_folders(hparams["output_folder"], hparams["data_folder"])
+        check_shared_folders(hparams["output_folder"], hparams["data_folder"],
+                             [hf_spec(hparams, split) for split in SPLITS if hf_spec(hparams, split)])
     lock, datasets, plan, batches = check_run(hparams, hparams_file, run_opts, overrides, flags, world_size)
     if flags["check_only"]:
         print(f"checks passed for world size {world_size}: settings, manifests, output folder", flush=True)

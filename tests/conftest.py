@@ -23,8 +23,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
-# HF datasets' Arrow cache (parquet input) in a temporary folder, not the user's.
-os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-cache-")
+# HF datasets' Arrow cache (parquet input) in a temporary folder, not the user's,
+# removed when the tests end.
+_HF_CACHE = tempfile.TemporaryDirectory(prefix="hf-datasets-cache-")
+os.environ["HF_DATASETS_CACHE"] = _HF_CACHE.name
 
 
 @pytest.fixture(scope="session")

@@ -274,3 +274,21 @@ def disk_full_on_the_main_process(base):
     return {"error": error, "folders": sorted(p.name for p in Path(base).glob("CKPT+*")),
             "first": first.path.name if first is not None else None, "recovered": recovered.path.name,
             "value": holder.value.item()}
+
+
+def shared_folders_seen_differently(base):
+    """check_shared_folders with a relative parquet folder and each rank in its own
+    working directory: first both in node0's (which holds the shard), then rank 1 in
+    node1's (which does not), as a node without the shared file system: [error or None]."""
+    from fault_tolerance import check_shared_folders
+    from preflight import ConfigError
+
+    errors = []
+    for rank1_dir in ("node0", "node1"):
+        os.chdir(Path(base) / (rank1_dir if dist.get_rank() == 1 else "node0"))
+        try:
+            check_shared_folders(Path(base) / "out", Path(base), ["shards"])
+            errors.append(None)
+        except ConfigError as error:
+            errors.append(str(error))
+    return errors

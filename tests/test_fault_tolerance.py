@@ -1,6 +1,7 @@
 """Bad data, interrupted saves, non-finite losses and invalid hparams."""
 
 import csv
+import socket
 import subprocess
 import sys
 import textwrap
@@ -266,11 +267,15 @@ def two_ranks(tmp_path_factory):
     base = tmp_path_factory.mktemp("two_ranks")
     for name in ("own_folders", "damaged", "disk_full"):
         (base / name).mkdir()
+    (base / "shared" / "node0" / "shards").mkdir(parents=True)
+    (base / "shared" / "node0" / "shards" / "train-00000.parquet").write_bytes(b"PAR1")
+    (base / "shared" / "node1").mkdir()
     return base, spawn_scenarios({
         "nonfinite": ("nonfinite_on_one_rank", dict(patience=2)),
         "checkpoints_seen_differently": ("checkpoints_seen_differently", dict(base=str(base / "own_folders"))),
         "damaged": ("damaged_checkpoints", dict(base=str(base / "damaged"))),
         "disk_full": ("disk_full_on_the_main_process", dict(base=str(base / "disk_full"))),
+        "shared_folders": ("shared_folders_seen_differently", dict(base=str(base / "shared"))),
     }, base / "ddp")
 
 
@@ -466,3 +471,15 @@ def test_a_full_disk_on_the_main_process_stops_every_rank_alike_without_a_hang(t
                                           "device): the partial save was removed and the 1 earlier checkpoint(s)")
         assert result["folders"] == [first]  # nothing partial left
         assert result["recovered"] == first and result["value"] == 1.0
+
+
+def test_a_rank_that_cannot_see_a_parquet_dataset_stops_every_rank_with_one_line(two_ranks):
+    """Multi-node: each rank must see the `<split>_data` files that the main process
+    sees, else every rank stops before anything is written (not later in a collective)."""
+    base, runs = two_ranks
+    for seen, blind in results_of(runs, "shared_folders"):
+        assert seen is None
+        assert blind.startswith(f"rank 1 on {socket.gethostname()} cannot see the output_folder={base / 'shared' / 'out'} "
+                                f"and data_folder={base / 'shared'}, shards of rank 0 on ")
+        assert "--<split>_data" in blind and "\n" not in blind
+    assert not (base / "shared" / "out").exists()  # made for the check, removed again

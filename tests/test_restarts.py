@@ -2,7 +2,8 @@
 processes: one run on a slice of the demo corpus is frozen (SIGSTOP: the other rank's
 watchdog restarts the group), then killed (SIGKILL: torchrun restarts it), and
 resumes from its last checkpoint each time; its folder then has its newest
-checkpoint damaged, and the next run falls back to the one before."""
+checkpoint damaged, and the next run falls back to the one before. The run trains
+with independent LayerDrop, which the other launch tests do not (synced or none)."""
 
 import csv
 import os
@@ -32,7 +33,8 @@ def command(tmp_path_factory):
     args = [f"--{split}_csv={path}" for split, path in demo_slice(folder, ROWS).items()]
     return folder, [str(ROOT / "launch_ddp.sh"), "--max-restarts", "2", f"--output_folder={folder / 'run'}",
                     f"--wavlm_source={folder / 'wavlm-small'}", "--noprogressbar", "--number_of_epochs=1",
-                    "--ckpt_interval_steps=2", "--hang_timeout_minutes=0.25", *args]
+                    "--ckpt_interval_steps=2", "--hang_timeout_minutes=0.25", "--layerdrop=0.5",
+                    "--layerdrop_mode=independent", *args]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +81,7 @@ def test_a_killed_worker_is_restarted_and_training_resumes_from_the_last_checkpo
     per_epoch = int(re.search(r"(\d+) optimizer steps per epoch", text).group(1))
     final = int(re.search(r"epoch 1: train loss .*\(optimizer step (\d+)\)", text).group(1))
     assert final == per_epoch  # nothing skipped, nothing counted twice
+    assert "layerdrop=0.5 (independent)" in text and "DDP wraps the encoder with find_unused_parameters=True" in text
     with open(out / "train_steps.csv", newline="") as f:
         logged = [int(row["step"]) for row in csv.DictReader(f)]
     assert sorted(set(logged)) == list(range(per_epoch))  # every step logged (repeats: redone after a restart)
