@@ -7,11 +7,6 @@ resumed run keeps the curves of the epochs before the restart.
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on training nodes
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 def append_history(path, record):
     """Add (or replace, when an epoch is repeated after a restart) one epoch's record."""
@@ -26,9 +21,14 @@ def append_history(path, record):
 
 
 def plot_history(history, png_path):
-    """Train and valid loss, valid WER / CER, and the learning rates per epoch."""
+    """Train and valid loss, valid WER / CER, and the learning rates per epoch.
+    Drawn on a bare Figure (no pyplot, no display backend: training nodes have none),
+    imported here: only the main process draws, once per epoch."""
+    from matplotlib.figure import Figure
+
     epochs = [r["epoch"] for r in history]
-    fig, (loss_ax, wer_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    loss_ax, wer_ax, lr_ax = fig.subplots(1, 3)
     loss_ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     loss_ax.plot(epochs, [r["valid_loss"] for r in history], "o-", label="valid")
     loss_ax.set(title="CTC loss", xlabel="epoch")
@@ -44,5 +44,4 @@ def plot_history(history, png_path):
     fig.tight_layout()
     tmp = Path(png_path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     tmp.replace(png_path)
