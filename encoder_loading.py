@@ -42,11 +42,12 @@ def make_local_checkpoint(folder, config, seed):
     `model_type` one of FAMILIES, default wavlm) to `folder` in the `save_pretrained`
     layout, unless it is already there.
 
-    Under DDP the main process writes it while the others wait. (Creating it seeds
-    and advances torch's random state: a run that creates the model draws other
-    dropout masks than one that finds it; the demo's README output is a first run.) It is written into
-    a temporary folder and renamed into place, so an interrupted save never leaves a
-    half-written checkpoint that a later run would take for a good one.
+    Under DDP the main process writes it while the others wait. It is initialised from
+    `seed` in a forked random state: torch's random state (dropout, SpecAugment) is
+    left as the run seeded it, so a run that creates the model trains exactly like one
+    that finds it. It is written into a temporary folder and renamed into place, so an
+    interrupted save never leaves a half-written checkpoint that a later run would
+    take for a good one.
     """
     from transformers import AutoConfig, AutoModel
 
@@ -54,9 +55,10 @@ def make_local_checkpoint(folder, config, seed):
     distributed = torch.distributed.is_initialized()
     if not (folder / "config.json").exists() and (not distributed or torch.distributed.get_rank() == 0):
         folder.parent.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(seed)
         fields = dict(config)
-        model = AutoModel.from_config(AutoConfig.for_model(fields.pop("model_type", "wavlm"), **fields))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModel.from_config(AutoConfig.for_model(fields.pop("model_type", "wavlm"), **fields))
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
         model.save_pretrained(tmp)
         os.rename(tmp, folder)
