@@ -31,8 +31,7 @@ def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("world_size")
     manifests = demo_slice(folder, ROWS)
     hf_copies(folder, manifests, DEMO)
-    # The demo model made before any run: a run that creates it draws other dropout masks
-    # (encoder_loading.make_local_checkpoint), and every run here must train alike.
+    # The demo model made once, before any run: every run here finds it.
     from hyperpyyaml import load_hyperpyyaml
 
     demo = load_hyperpyyaml((ROOT / "hparams" / "demo.yaml").read_text())["wavlm"].keywords

@@ -76,6 +76,18 @@ def test_make_local_checkpoint_creates_once_and_keeps_an_existing_one(tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["small"]  # no temporary folder left
 
 
+def test_creating_the_local_checkpoint_leaves_torchs_random_state_as_the_run_seeded_it(tmp_path, tiny_config):
+    """A run that creates the demo model then draws the same dropout and SpecAugment
+    masks as one that finds it; the model itself comes from its own seed."""
+    torch.manual_seed(1986)
+    seeded = torch.get_rng_state()
+    first = make_local_checkpoint(tmp_path / "a", tiny_config, seed=3)
+    assert torch.equal(torch.get_rng_state(), seeded)
+    torch.manual_seed(7)
+    second = make_local_checkpoint(tmp_path / "b", tiny_config, seed=3)
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize("freeze", ["cnn", "all"])
 def test_a_frozen_cnn_runs_no_backward(tiny_wavlm_dir, freeze):
     model = SpeechEncoder(str(tiny_wavlm_dir), freeze=freeze).train()
