@@ -283,7 +283,7 @@ def shared_folders_seen_differently(base):
     from fault_tolerance import check_shared_folders
     from preflight import ConfigError
 
-    errors = []
+    errors, before = [], os.getcwd()
     for rank1_dir in ("node0", "node1"):
         os.chdir(Path(base) / (rank1_dir if dist.get_rank() == 1 else "node0"))
         try:
@@ -291,4 +291,6 @@ def shared_folders_seen_differently(base):
             errors.append(None)
         except ConfigError as error:
             errors.append(str(error))
+        finally:
+            os.chdir(before)
     return errors
