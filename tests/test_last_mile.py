@@ -178,9 +178,12 @@ def test_a_five_minute_file_is_transcribed_with_beam_search_in_windows(trained, 
     long_file = tmp_path / "five_minutes.wav"
     sf.write(long_file, audio.numpy(), 16000)
     searched, decode = [], inference.Transcriber.decode
-    monkeypatch.setattr(inference.Transcriber, "decode",
-                        lambda self, log_probs, wav_lens: searched.append(log_probs.shape) or decode(self, log_probs,
-                                                                                                      wav_lens))
+
+    def recorded(self, log_probs, wav_lens):  # the search's input, then the search
+        searched.append(log_probs.shape)
+        return decode(self, log_probs, wav_lens)
+
+    monkeypatch.setattr(inference.Transcriber, "decode", recorded)
     [(name, text)], failed = transcribe_main([str(finished_run[0]), str(long_file), "--beam", "--batch_seconds",
                                               "60"])
     assert failed == {}
