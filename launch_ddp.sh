@@ -91,7 +91,7 @@ else
     rendezvous=(--standalone)
 fi
 
-# Everything this launch starts holds the output folder as one run (run_lock.py): the
+# Everything this launch starts holds the output folder as one run (wavlm_ddp/faults/run_lock.py): the
 # SLURM job (a requeued job is the same run), else this launch.
 export WAVLM_RUN_ID="${WAVLM_RUN_ID:-${SLURM_JOB_ID:+slurm-$SLURM_JOB_ID}}"
 export WAVLM_RUN_ID="${WAVLM_RUN_ID:-$(hostname)-$$-$(date +%s)}"

@@ -25,12 +25,13 @@ import torch
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main
 
-from brain_overrides import RecipeBrain
-from data import (SPLITS, charset_of, dataio_prepare, hf_spec, read_datasets, training_plan, training_texts,
+from wavlm_ddp.training.brain import RecipeBrain
+from wavlm_ddp.data.pipeline import (SPLITS, charset_of, dataio_prepare, hf_spec, read_datasets, training_plan, training_texts,
                   validate_data)
-from decoding import CTCDecoder, check_decoding, search_settings
-from fault_tolerance import NonFiniteGuard, Watchdog, check_shared_folders, init_distributed, progress
-from preflight import (
+from wavlm_ddp.decoding.search import CTCDecoder, check_decoding, search_settings
+from wavlm_ddp.faults.guards import NonFiniteGuard, Watchdog, progress
+from wavlm_ddp.distributed import check_shared_folders, init_distributed
+from wavlm_ddp.preflight import (
     ConfigError,
     check_find_unused_parameters,
     check_hparams,
@@ -40,13 +41,13 @@ from preflight import (
     pop_int_flag,
     resolve_find_unused_parameters,
 )
-from recipes.build_ngram_lm import build_lm
-from recipes.tokenizer import load_tokenizer, train_tokenizer
-from recipes.validate_manifest import save_check
-from preemption import Preempted, PreemptionWatch, check_signal_names, exit_code_after_preemption
-from run_lock import RUN_ID_ENV, FolderLock
-from reporting import append_step_row, gather_eval_stats, global_sum, peak_memory_gib, report_epoch, report_test
-from schedule import GlobalBatchSampler, check_schedule, describe_schedule, learning_rate
+from wavlm_ddp.decoding.ngram import build_lm
+from wavlm_ddp.data.tokenizer import load_tokenizer, train_tokenizer
+from wavlm_ddp.data.manifests import save_check
+from wavlm_ddp.faults.preemption import Preempted, PreemptionWatch, check_signal_names, exit_code_after_preemption
+from wavlm_ddp.faults.run_lock import RUN_ID_ENV, FolderLock
+from wavlm_ddp.training.reporting import append_step_row, gather_eval_stats, global_sum, peak_memory_gib, report_epoch, report_test
+from wavlm_ddp.training.schedule import GlobalBatchSampler, check_schedule, describe_schedule, learning_rate
 
 logger = logging.getLogger(__name__)
 DEFAULT_HPARAMS = Path(__file__).resolve().parent / "hparams" / "demo.yaml"
@@ -67,7 +68,7 @@ class ASR(RecipeBrain):
     stay frozen for the first `freeze_encoder` fraction of the run while the head
     warms up. `plan` (schedule.TrainingPlan) fixes the accumulation and the number
     of optimizer steps; the schedules are functions of the optimizer step.
-    SpeechBrain internals that the recipe overrides: brain_overrides.RecipeBrain."""
+    SpeechBrain internals that the recipe overrides: wavlm_ddp.training.brain.RecipeBrain."""
 
     test_decoder = None  # decoding.CTCDecoder of test_search, set before evaluate()
 
@@ -244,7 +245,7 @@ def parse_args(argv):
 
 
 def hold_output_folder(hparams):
-    """The main process holds output_folder for this run (run_lock.py); every rank
+    """The main process holds output_folder for this run (faults/run_lock.py); every rank
     raises the same ConfigError when another run holds it. Returns the FolderLock
     (None on the other ranks)."""
     lock = error = None

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Decoding speed and WER of the two beam searches the recipe could use, on the
-same log-probabilities: flashlight-text's lexicon decoder (C++, decoding.py) and
+same log-probabilities: flashlight-text's lexicon decoder (C++, wavlm_ddp/decoding/search.py) and
 SpeechBrain's CTCBeamSearcher (Python, KenLM through the `kenlm` package).
 
     python bench/decoders.py results/demo/1986 [--repeats 3]
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from speechbrain.decoders.ctc import CTCBeamSearcher  # noqa: E402
 from speechbrain.utils.metric_stats import ErrorRateStats  # noqa: E402
 
-from decoding import SILENCE, CTCDecoder  # noqa: E402
-from inference import TrainedModel  # noqa: E402
+from wavlm_ddp.decoding.search import SILENCE, CTCDecoder  # noqa: E402
+from wavlm_ddp.inference import TrainedModel  # noqa: E402
 
 
 def main(argv=None):
@@ -58,7 +58,7 @@ def main(argv=None):
     def run_speechbrain():
         return [speechbrain(lp[None], torch.ones(1))[0][0].text for lp in log_probs]
 
-    for name, decode in (("flashlight-text LexiconDecoder (decoding.py)", run_flashlight),
+    for name, decode in (("flashlight-text LexiconDecoder (wavlm_ddp.decoding)", run_flashlight),
                          ("SpeechBrain CTCBeamSearcher + kenlm", run_speechbrain)):
         timings = []
         for _ in range(args.repeats):

@@ -23,7 +23,7 @@ import torch
 from transformers.models.wavlm.modeling_wavlm import WavLMAttention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import wavlm_attention  # noqa: E402
+from wavlm_ddp.encoder import attention as wavlm_attention  # noqa: E402
 
 CANDIDATES = [
     None,

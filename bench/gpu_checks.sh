@@ -66,7 +66,7 @@ transformers.__version__, 'speechbrain', speechbrain.__version__)" >> "$log" 2>&
 model=(--model_dir "$work/model")
 
 # 0. FlexAttention kernel options that fit this GPU's shared memory, fastest first
-#    (FLEX=1: measured 2026-11-30 on an H200, flex was slower than SDPA; see README Speed).
+#    (FLEX=1: measured 2026-11-30 on an H200, flex was slower than SDPA; see RESULTS.md).
 flex=()
 if [[ "$mode" != "--cpu" && "${FLEX:-0}" == 1 ]]; then
     variants="$variants,flex+compile,flex+compile+cnn"

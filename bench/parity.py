@@ -25,7 +25,7 @@ from transformers import WavLMModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from throughput import PAD_FRAMES_TO, TINY, WAVLM_LARGE  # noqa: E402
-from encoder_loading import make_local_checkpoint  # noqa: E402
+from wavlm_ddp.encoder.loading import make_local_checkpoint  # noqa: E402
 from wavlm_wrapper import SpeechEncoder  # noqa: E402
 
 NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,

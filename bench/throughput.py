@@ -47,8 +47,8 @@ import transformers
 from transformers import WavLMModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import wavlm_attention  # noqa: E402
-from encoder_loading import make_local_checkpoint  # noqa: E402
+from wavlm_ddp.encoder import attention as wavlm_attention  # noqa: E402
+from wavlm_ddp.encoder.loading import make_local_checkpoint  # noqa: E402
 from wavlm_wrapper import SpeechEncoder  # noqa: E402
 
 WAVLM_LARGE = dict(

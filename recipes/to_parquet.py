@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Move a corpus off one small file per utterance: CSV manifests (or an extracted
 LibriSpeech tree) to parquet shards with the audio bytes inside, which train.py
-reads with --train_data=<out>/train (README: Corpora of thousands of hours).
+reads with --train_data=<out>/train (docs/data.md).
 
     python recipes/to_parquet.py OUT --csv train=recipes/demo_data/train.csv \
         --csv valid=recipes/demo_data/valid.csv --data_folder=recipes/demo_data

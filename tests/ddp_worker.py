@@ -144,7 +144,7 @@ def spawn(fn_name, tmp_path, world=2, **kwargs):
 def nonfinite_on_one_rank(patience):
     """Rank 1's loss is NaN at step 1: both ranks must skip that step, and stop
     with the error once NaN lasts longer than `patience`."""
-    from fault_tolerance import NonFiniteGuard
+    from wavlm_ddp.faults.guards import NonFiniteGuard
 
     guard = NonFiniteGuard(patience)
     rank = dist.get_rank()
@@ -163,7 +163,7 @@ def sync_check():
     [the first check's error or None, the second's]."""
     from types import SimpleNamespace
 
-    from layerdrop import LayerDrop
+    from wavlm_ddp.encoder.layerdrop import LayerDrop
 
     layer_drop = LayerDrop(SimpleNamespace(layerdrop=0.5), num_layers=4, mode="synced", seed=0)
     errors = []
@@ -182,7 +182,7 @@ def sync_check():
 def checkpoints_seen_differently(base):
     """Each rank checkpoints through its own folder: save five epochs keeping the
     best WER and the latest, then recover the best."""
-    from fault_tolerance import SafeCheckpointer
+    from wavlm_ddp.faults.checkpoints import SafeCheckpointer
 
     value = torch.nn.Parameter(torch.zeros(1))
     holder = torch.nn.Module()
@@ -205,8 +205,8 @@ def damaged_checkpoints(base):
     """In two folders, save three epochs (keeping the best and the latest two), cut the
     newest checkpoint's parameter file in half (in `newest`) or every one (in `all`),
     then recover on every rank: {folder name: what each saw}."""
-    from fault_tolerance import SafeCheckpointer
-    from preflight import ConfigError
+    from wavlm_ddp.faults.checkpoints import SafeCheckpointer
+    from wavlm_ddp.preflight import ConfigError
 
     results = {}
     for name in ("newest", "all"):
@@ -239,8 +239,8 @@ def disk_full_on_the_main_process(base):
     same error, without a collective left waiting; then recover the first one."""
     from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
-    from fault_tolerance import SafeCheckpointer
-    from preflight import ConfigError
+    from wavlm_ddp.faults.checkpoints import SafeCheckpointer
+    from wavlm_ddp.preflight import ConfigError
 
     @register_checkpoint_hooks
     class Disk:
@@ -280,8 +280,8 @@ def shared_folders_seen_differently(base):
     """check_shared_folders with a relative parquet folder and each rank in its own
     working directory: first both in node0's (which holds the shard), then rank 1 in
     node1's (which does not), as a node without the shared file system: [error or None]."""
-    from fault_tolerance import check_shared_folders
-    from preflight import ConfigError
+    from wavlm_ddp.distributed import check_shared_folders
+    from wavlm_ddp.preflight import ConfigError
 
     errors, before = [], os.getcwd()
     for rank1_dir in ("node0", "node1"):

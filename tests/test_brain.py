@@ -7,8 +7,8 @@ import pytest
 import speechbrain as sb
 import torch
 
-from fault_tolerance import SafeCheckpointer
-from schedule import TrainingPlan, learning_rate
+from wavlm_ddp.faults.checkpoints import SafeCheckpointer
+from wavlm_ddp.training.schedule import TrainingPlan, learning_rate
 from train import ASR
 from wavlm_wrapper import SpeechEncoder
 

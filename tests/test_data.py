@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 
 from recipes.prepare_librispeech import prepare_librispeech
-from recipes.tokenizer import load_tokenizer, train_tokenizer
+from wavlm_ddp.data.tokenizer import load_tokenizer, train_tokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo_data"
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from decoding import CTCDecoder, check_decoding, search_settings
-from preflight import ConfigError
-from recipes.build_ngram_lm import build_lm
-from recipes.tokenizer import load_tokenizer, train_tokenizer
+from wavlm_ddp.decoding.search import CTCDecoder, check_decoding, search_settings
+from wavlm_ddp.preflight import ConfigError
+from wavlm_ddp.decoding.ngram import build_lm
+from wavlm_ddp.data.tokenizer import load_tokenizer, train_tokenizer
 
 SENTENCES = ["THE CAT SEES THE DOG", "THE DOG SEES THE CAT", "A CAT SITS", "THE DOG SITS"]
 BEAM = {"mode": "beam", "beam_size": 20, "beam_threshold": 25.0, "lm_weight": 1.0, "word_score": 0.0,

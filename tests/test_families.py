@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from ddp_worker import results_of, spawn_scenarios
-from layerdrop import layerdrop_schedule
+from wavlm_ddp.encoder.layerdrop import layerdrop_schedule
 from wavlm_wrapper import SpeechEncoder
 
 LAYERS = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, conv_dim=[16] * 7,
@@ -134,9 +134,9 @@ def test_each_familys_yaml_trains_with_synced_layerdrop_and_exports_to_its_own_c
     LibriSpeech, synced LayerDrop 0.5, one process (each family's DDP behaviour is
     test_two_ranks_with_synced_layerdrop_drop_the_same_layers_and_stay_identical);
     then export_hf.py writes the family's *ForCTC class, whose logits are the run's."""
-    from export_hf import export
+    from wavlm_ddp.export_hf import export
     from helpers import run_train
-    from inference import ExportedModel, TrainedModel
+    from wavlm_ddp.inference import ExportedModel, TrainedModel
 
     # wider than the recipes' 64-channel SpecAugment feature masks, which HF refuses on 32 channels
     fields = {**FAMILIES[RECIPES[recipe]], "hidden_size": 96, "intermediate_size": 192}

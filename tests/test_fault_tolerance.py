@@ -15,9 +15,10 @@ import torch
 from speechbrain.utils.checkpoints import METAFNAME
 
 from ddp_worker import results_of, spawn_scenarios
-from fault_tolerance import NonFiniteGuard, SafeCheckpointer
-from preflight import ConfigError, check_hparams, check_output_folder
-from recipes.validate_manifest import (
+from wavlm_ddp.faults.guards import NonFiniteGuard
+from wavlm_ddp.faults.checkpoints import SafeCheckpointer
+from wavlm_ddp.preflight import ConfigError, check_hparams, check_output_folder
+from wavlm_ddp.data.manifests import (
     AudioLimits,
     BadRow,
     empty_splits,
@@ -26,7 +27,7 @@ from recipes.validate_manifest import (
     training_charset,
     validate_manifests,
 )
-from data import dataio_prepare, read_datasets
+from wavlm_ddp.data.pipeline import dataio_prepare, read_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = AudioLimits(sample_rate=16000, resample=True, min_samples=400, duration_tolerance=0.1)
@@ -349,7 +350,7 @@ def test_ranks_that_list_different_checkpoints_keep_delete_and_recover_alike(two
 def test_the_watchdog_prints_the_rank_and_every_thread_then_exits_for_a_restart(tmp_path):
     code = textwrap.dedent("""
         import threading, time
-        from fault_tolerance import Watchdog, progress
+        from wavlm_ddp.faults.guards import Watchdog, progress
         watchdog = Watchdog(timeout_minutes=0.02).start()  # 1.2 s
         progress("training step 7")
         threading.Thread(target=time.sleep, args=(60,), name="loader", daemon=True).start()
@@ -369,7 +370,7 @@ def test_the_watchdog_prints_the_rank_and_every_thread_then_exits_for_a_restart(
 def test_a_watchdog_that_sees_progress_stays_quiet(tmp_path):
     code = textwrap.dedent("""
         import time
-        from fault_tolerance import Watchdog, progress
+        from wavlm_ddp.faults.guards import Watchdog, progress
         watchdog = Watchdog(timeout_minutes=0.02).start()
         for step in range(30):
             progress(f"training step {step}")

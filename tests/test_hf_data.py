@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-import hf_data
+from wavlm_ddp.data import hf as hf_data
 from helpers import demo_slice, hf_copies, run_train
 from recipes.to_parquet import SCHEMA, main as to_parquet
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from audio import load_audio
+from wavlm_ddp.data.audio import load_audio
 from helpers import free_port, save_tiny_wavlm
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,13 +16,13 @@ import torch
 from speechbrain.utils.metric_stats import ErrorRateStats
 from transformers import Wav2Vec2Processor, Wav2Vec2ProcessorWithLM, WavLMForCTC
 
-import tune_decoding
+from wavlm_ddp import tune_decoding
 import yaml
-from export_hf import export
-from preflight import ConfigError
-import inference
-from inference import ExportedModel, TrainedModel
-from transcribe import main as transcribe_main
+from wavlm_ddp.export_hf import export
+from wavlm_ddp.preflight import ConfigError
+from wavlm_ddp import inference
+from wavlm_ddp.inference import ExportedModel, TrainedModel
+from wavlm_ddp.transcribe import main as transcribe_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo_data"
@@ -154,7 +154,7 @@ def test_unreadable_files_are_named_on_stderr_and_every_other_file_is_transcribe
     sf.write(folder / "tiny.wav", np.zeros(100, dtype=np.float32), 16000)
     listing = tmp_path / "more.txt"
     listing.write_text(f"{good[1]}\n# a comment\n{tmp_path / 'missing.wav'}\n\n{good[2]}\n")
-    result = subprocess.run([sys.executable, str(ROOT / "transcribe.py"), str(finished_run[0]), str(folder),
+    result = subprocess.run([sys.executable, "-m", "wavlm_ddp.transcribe", str(finished_run[0]), str(folder),
                              "--list", str(listing)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stderr[-3000:]
     printed = dict(line.split("\t") for line in result.stdout.splitlines())

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ddp_worker import results_of, spawn_scenarios, train
-from preflight import REDUCTION_ERROR
-from layerdrop import layerdrop_schedule
+from wavlm_ddp.preflight import REDUCTION_ERROR
+from wavlm_ddp.encoder.layerdrop import layerdrop_schedule
 
 STEPS = 4
 

@@ -10,7 +10,7 @@ import pytest
 from flashlight.lib.text.decoder import KenLM
 from flashlight.lib.text.dictionary import Dictionary
 
-from recipes.build_ngram_lm import build_lm
+from wavlm_ddp.decoding.ngram import build_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ["THE CAT SEES THE DOG", "THE DOG SEES THE CAT", "A CAT SITS", "THE BIRD SITS NEAR THE CAT",
@@ -91,7 +91,7 @@ def test_kenlm_reads_the_same_sentence_scores(arpa):
 
 def test_the_command_builds_from_a_manifest_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "demo.arpa"
-    command = [sys.executable, "-m", "recipes.build_ngram_lm", str(ROOT / "recipes/demo_data/train.csv"),
+    command = [sys.executable, "-m", "wavlm_ddp.build_lm", str(ROOT / "recipes/demo_data/train.csv"),
                "--output", str(out), "--order", "2"]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from export_hf import export
-from inference import ExportedModel, TrainedModel
-from transcribe import main as transcribe
+from wavlm_ddp.export_hf import export
+from wavlm_ddp.inference import ExportedModel, TrainedModel
+from wavlm_ddp.transcribe import main as transcribe
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = Path("tests/data/run_2026-11-30")  # its YAML names its paths relative to the project root

@@ -2,7 +2,7 @@
 
 import pytest
 
-from preflight import (
+from wavlm_ddp.preflight import (
     REDUCTION_ERROR,
     ConfigError,
     check_sharded_backend,

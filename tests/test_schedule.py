@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import speechbrain as sb
 
-from preflight import ConfigError
-from recipes.validate_manifest import AudioLimits, BadRow, fingerprint, load_check, read_manifest, save_check
-from schedule import (
+from wavlm_ddp.preflight import ConfigError
+from wavlm_ddp.data.manifests import AudioLimits, BadRow, fingerprint, load_check, read_manifest, save_check
+from wavlm_ddp.training.schedule import (
     GlobalBatchSampler,
     check_schedule,
     derive_accumulation,
@@ -228,7 +228,7 @@ def test_the_manifest_check_is_reused_until_a_manifest_or_an_audio_file_changes(
 
 
 def test_a_mid_epoch_checkpoint_of_another_world_size_resumes_after_the_same_optimizer_steps():
-    from schedule import TrainingPlan, resumed_batch
+    from wavlm_ddp.training.schedule import TrainingPlan, resumed_batch
 
     plan = lambda world, acc, seconds=12.0: TrainingPlan(world_size=world, accumulation=acc, per_rank_seconds=seconds,
                                                          global_seconds=24.0, steps_per_epoch=[10],

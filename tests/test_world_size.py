@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from encoder_loading import make_local_checkpoint
+from wavlm_ddp.encoder.loading import make_local_checkpoint
 from helpers import demo_slice, free_port, hf_copies, wait_for, worker_pid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,9 +142,9 @@ def test_a_save_to_disk_dataset_without_durations_is_measured_once_and_kept(refe
 
 
 def test_transcribe_and_tune_decoding_read_a_parquet_split_like_its_manifest(preempted_run, corpus):
-    import tune_decoding
-    from inference import TrainedModel
-    from transcribe import main as transcribe
+    from wavlm_ddp import tune_decoding
+    from wavlm_ddp.inference import TrainedModel
+    from wavlm_ddp.transcribe import main as transcribe
 
     _, out = preempted_run  # trained from the parquet shards
     folder, _ = corpus

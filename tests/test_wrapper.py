@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import WavLMModel
 
-from encoder_loading import make_local_checkpoint
+from wavlm_ddp.encoder.loading import make_local_checkpoint
 from wavlm_wrapper import SpeechEncoder
 
 NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0)
@@ -211,11 +211,12 @@ def test_inductor_compiled_layers_train_like_eager_without_recompiling_per_patte
 
 
 def test_the_sdpa_path_replaces_hfs_eager_attention_in_every_layer(tiny_wavlm_dir, monkeypatch):
-    import wavlm_wrapper
     from transformers.models.wavlm import modeling_wavlm
 
+    from wavlm_ddp.encoder import attention
+
     calls = {"sdpa": 0, "eager": 0}
-    sdpa = wavlm_wrapper.F.scaled_dot_product_attention
+    sdpa = attention.F.scaled_dot_product_attention
     eager = modeling_wavlm.WavLMAttention.torch_multi_head_self_attention
 
     def count_sdpa(*args, **kwargs):
@@ -226,7 +227,7 @@ def test_the_sdpa_path_replaces_hfs_eager_attention_in_every_layer(tiny_wavlm_di
         calls["eager"] += 1
         return eager(*args, **kwargs)
 
-    monkeypatch.setattr(wavlm_wrapper.F, "scaled_dot_product_attention", count_sdpa)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", count_sdpa)
     monkeypatch.setattr(modeling_wavlm.WavLMAttention, "torch_multi_head_self_attention", count_eager)
     fast = SpeechEncoder(str(tiny_wavlm_dir), attention="sdpa").eval()
     fast(*batch([8000, 6000]))

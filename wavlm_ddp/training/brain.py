@@ -9,8 +9,8 @@ import speechbrain as sb
 import torch
 import yaml
 
-from preemption import Preempted
-from schedule import GlobalBatchSampler, resumed_batch
+from wavlm_ddp.faults.preemption import Preempted
+from wavlm_ddp.training.schedule import GlobalBatchSampler, resumed_batch
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -35,7 +35,7 @@ class RecipeBrain(sb.Brain):
     the recipe's global batch sampler, a step that skips non-finite losses on every
     rank at once (and agrees on a preemption), a preemption checkpoint at the next
     step boundary, and sharded evaluation. Needs `plan` (schedule.TrainingPlan) and
-    `nonfinite` (fault_tolerance.NonFiniteGuard) set before fit()."""
+    `nonfinite` (faults.guards.NonFiniteGuard) set before fit()."""
 
     plan = None
     saved_plan = None

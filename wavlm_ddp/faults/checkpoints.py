@@ -1,7 +1,5 @@
-"""What keeps a long run alive and its work safe: checkpoints that are never
-taken for valid when half-written and that every rank agrees on, a guard that
-skips non-finite steps on every rank at once, a check that all nodes share the
-run's folders, and a watchdog that turns a hang into a restart.
+"""Checkpoints that are never taken for valid when half-written and that every
+rank agrees on.
 
 Rule for every collective here: each rank calls it the same number of times,
 decided from data that the main process broadcast, never from a rank's own view
@@ -10,17 +8,9 @@ different collectives and wait for each other until the collective timeout).
 """
 
 import atexit
-import datetime
-import faulthandler
 import logging
-import os
 import shutil
-import socket
-import sys
 import tempfile
-import threading
-import time
-import uuid
 import zipfile
 from pathlib import Path
 
@@ -35,7 +25,9 @@ from speechbrain.utils.checkpoints import (
 )
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, main_process_only
 
-from preflight import ConfigError
+from wavlm_ddp.distributed import rank
+from wavlm_ddp.faults.guards import progress
+from wavlm_ddp.preflight import ConfigError
 
 logger = logging.getLogger(__name__)
 PENDING_META = f"{METAFNAME}.pending"
@@ -213,73 +205,6 @@ class SafeCheckpointer(Checkpointer):
         return removed
 
 
-def collective_device():
-    """Where a small tensor must live for a collective: CUDA for nccl, else CPU."""
-    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
-        return "cuda"
-    return "cpu"
-
-
-class NonFiniteGuard:
-    """Decide, the same way on every rank, whether a step's loss is usable.
-
-    A rank that skipped backward while another ran it would hang DDP, so the
-    finiteness of the loss is all-reduced first: if any rank's loss is NaN or
-    inf, every rank skips the step. After `patience` consecutive skipped steps,
-    training stops with an error naming the keys to change.
-    """
-
-    def __init__(self, patience):
-        self.patience = patience
-        self.skipped_total = 0
-        self.consecutive = 0
-
-    def step_is_finite(self, loss):
-        return self.agree(loss)[0]
-
-    def agree(self, loss, stop_requested=False):
-        """(whether every rank's loss is finite, whether any rank asked to stop):
-        one all-reduce of two numbers (the stop request of preemption.py rides along)."""
-        flags = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0, float(stop_requested)],
-                             device=collective_device())
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        bad, stop = flags.tolist()
-        if bad == 0:
-            self.consecutive = 0
-            return True, stop > 0
-        self.skipped_total += 1
-        self.consecutive += 1
-        logger.warning(f"Non-finite loss: step skipped ({self.skipped_total} so far)")
-        if self.consecutive > self.patience:
-            raise ConfigError(
-                f"loss was NaN/inf for {self.consecutive} steps in a row (nonfinite_patience="
-                f"{self.patience}): lower the learning rate (lr), use --precision=bf16 instead "
-                "of fp16, or lower max_grad_norm"
-            )
-        return False, stop > 0
-
-
-def init_distributed(backend, timeout_s):
-    """Join the torchrun process group; returns False when not launched by torchrun.
-
-    torchrun reuses its store across restarts (--max-restarts), and a new worker
-    could read the address that a dead worker of the previous attempt left there,
-    then wait forever to connect to it. The keys are therefore prefixed with the
-    restart count, so every attempt meets only its own workers.
-    """
-    if "RANK" not in os.environ or "LOCAL_RANK" not in os.environ:
-        return False
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(torch.distributed.rendezvous("env://", timeout=timeout))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = torch.distributed.PrefixStore(f"attempt_{attempt}/", store)
-    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-    return True
-
-
 def _loadable(path):
     """Whether a checkpoint file can be read back: a file that torch.save wrote (a
     zip archive) must open as one, which a file cut short does not (its directory
@@ -293,109 +218,3 @@ def _loadable(path):
         return True
     except (OSError, zipfile.BadZipFile):
         return False
-
-
-def rank():
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def check_shared_folders(output_folder, data_folder, data_paths=()):
-    """Every rank proves that it sees the main process's `output_folder`, `data_folder`
-    and HF datasets (`data_paths`: the `<split>_data` values) before anything is
-    written: the main process writes a token into the output folder (removed again),
-    lists the data folder and the datasets' files; every rank looks for all of them.
-    A rank on a node without a shared file system fails here, with one line, instead
-    of later on a missing tokenizer, checkpoint or shard (or in a collective that the
-    others wait in). What the main process cannot read itself is left to the data
-    check, which names it."""
-    if not torch.distributed.is_initialized():
-        return
-    from hf_data import data_files
-
-    token, listing, files, created = None, None, None, False
-    if if_main_process():
-        out = Path(output_folder)
-        created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        token = f".shared-folder-check-{uuid.uuid4().hex}"
-        (out / token).write_text(socket.gethostname())
-        listing = sorted(os.listdir(data_folder))[:20] if Path(data_folder).is_dir() else []
-        files = []
-        for spec in data_paths:
-            try:
-                files += data_files(spec)[:20]
-            except ConfigError:
-                pass
-    token, listing, files = ddp_broadcast((token, listing, files))
-    sees_output = (Path(output_folder) / token).exists()
-    sees_data = all((Path(data_folder) / name).exists() for name in listing) and all(Path(f).exists() for f in files)
-    views = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(views, (socket.gethostname(), sees_output, sees_data))
-    if if_main_process():
-        (Path(output_folder) / token).unlink()
-        if created:
-            Path(output_folder).rmdir()
-    blind = [f"rank {r} on {host}" for r, (host, out_ok, data_ok) in enumerate(views) if not (out_ok and data_ok)]
-    if blind:
-        datasets = "".join(f", {path}" for path in data_paths)
-        raise ConfigError(
-            f"{', '.join(blind)} cannot see the output_folder={output_folder} and data_folder={data_folder}{datasets} "
-            f"of rank 0 on {views[0][0]}: multi-node training needs all of them on a file system shared by all "
-            "nodes (NFS, Lustre, ...): set --output_folder, --data_folder and any --<split>_data to such paths"
-        )
-
-
-WATCHDOG_EXIT_CODE = 3
-_watchdog = None
-
-
-def progress(what):
-    """Tell the watchdog (if one is armed) that this rank made progress."""
-    if _watchdog is not None:
-        _watchdog.progress(what)
-
-
-class Watchdog:
-    """Ends a rank that made no progress for `timeout_minutes`.
-
-    A hung rank (a peer frozen or gone without closing its sockets, a deadlocked
-    collective, a stuck file system) would otherwise wait until the collective
-    timeout, hours later. The watchdog thread wakes every few seconds; once the
-    last call of `progress` is older than the timeout, it prints one line naming
-    the rank and what it did last, the Python stacks of all its threads, and exits
-    with status 3, so torchrun ends the group and `--max-restarts` restarts it from
-    the last checkpoint. Collective waits release the GIL, so the thread runs.
-    """
-
-    def __init__(self, timeout_minutes):
-        self.timeout_s = timeout_minutes * 60.0
-        self.last, self.what = time.monotonic(), "start of training"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
-
-    def progress(self, what):
-        self.last, self.what = time.monotonic(), what
-
-    def start(self):
-        global _watchdog
-        _watchdog = self
-        self._thread.start()
-        return self
-
-    def stop(self):
-        global _watchdog
-        _watchdog = None
-        self._stop.set()
-
-    def _watch(self):
-        while not self._stop.wait(min(10.0, self.timeout_s / 4)):
-            idle = time.monotonic() - self.last
-            if idle > self.timeout_s:
-                sys.stderr.write(
-                    f"watchdog: rank {rank()} on {socket.gethostname()} made no progress for {idle / 60:.1f} min "
-                    f"(hang_timeout_minutes={self.timeout_s / 60:g}; last progress: {self.what}); the stacks of "
-                    "all its threads follow, then it exits so that torchrun can restart from the last checkpoint\n"
-                )
-                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-                sys.stderr.flush()
-                os._exit(WATCHDOG_EXIT_CODE)

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from preflight import ConfigError
+from wavlm_ddp.preflight import ConfigError
 
 LOCK_NAME = ".run-lock.json"
 HEARTBEAT_S = 30.0

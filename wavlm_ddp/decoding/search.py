@@ -24,7 +24,7 @@ import speechbrain as sb
 import torch
 import yaml
 
-from preflight import ConfigError
+from wavlm_ddp.preflight import ConfigError
 
 SEARCH_MODES = ("greedy", "beam")
 KENLM_BINARY_MAGIC = b"mmap lm "
@@ -56,7 +56,7 @@ def arpa_words(path):
                     words.append(fields[1])
     if not seen_data or not words:
         raise ConfigError(f"lm_path={path} is neither an ARPA file (no \\data\\ section or no unigrams) nor a "
-                          "KenLM binary: build one with python -m recipes.build_ngram_lm, or set lm_path: null")
+                          "KenLM binary: build one with python -m wavlm_ddp.build_lm, or set lm_path: null")
     return words
 
 
@@ -72,7 +72,7 @@ def lexicon_from_words(words, tokenizer, source):
     if bad:
         raise ConfigError(f"{len(bad)} of the {len(words)} words of {source} use characters the tokenizer "
                           f"cannot encode (e.g. {', '.join(repr(w) for w in bad[:3])}): build the LM from text "
-                          "in the transcripts' alphabet and case (python -m recipes.build_ngram_lm)")
+                          "in the transcripts' alphabet and case (python -m wavlm_ddp.build_lm)")
     return {w: spell(w, tokenizer) for w in words}
 
 
@@ -149,7 +149,7 @@ def check_decoding(search, lm_text, charset):
     if bad:
         raise ConfigError(f"{len(bad)} of the {len(words)} words of {lm_path} use characters that the training "
                           f"transcripts (the tokenizer) do not have (e.g. {', '.join(repr(w) for w in bad[:3])}): "
-                          "use an LM in the transcripts' alphabet and case (python -m recipes.build_ngram_lm)")
+                          "use an LM in the transcripts' alphabet and case (python -m wavlm_ddp.build_lm)")
 
 
 def search_settings(test_search, tuned_file):
@@ -175,7 +175,7 @@ class CTCDecoder:
         if mode == "greedy":
             return
         if lm_path is not None and not Path(lm_path).is_file():
-            raise ConfigError(f"lm_path={lm_path} does not exist: build it with python -m recipes.build_ngram_lm, "
+            raise ConfigError(f"lm_path={lm_path} does not exist: build it with python -m wavlm_ddp.build_lm, "
                               "point test_search: lm_path at an ARPA or KenLM binary file, or set it to null")
         if lexicon is not None:
             words = read_lexicon(lexicon, tokenizer)

@@ -4,7 +4,7 @@ boundary and exits; the same command resumes it at exactly that step.
 
 Every rank must stop at the same step, also when only some ranks got the signal.
 The request travels in the all-reduce that the non-finite guard already runs once
-per micro-batch (fault_tolerance.NonFiniteGuard.agree): no extra collective, no
+per micro-batch (guards.NonFiniteGuard.agree): no extra collective, no
 cost per step beyond one more number in a one-number all-reduce.
 """
 
@@ -53,7 +53,7 @@ class PreemptionWatch:
 
 def check_signal_names(names):
     """The preempt_signals key: a list of signal names this system has."""
-    from preflight import ConfigError
+    from wavlm_ddp.preflight import ConfigError
 
     known = {s.name for s in signal.Signals}
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n in known for n in names):

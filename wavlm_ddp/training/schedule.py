@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from preflight import ConfigError
+from wavlm_ddp.preflight import ConfigError
 
 DECAYS = ("exponential", "cosine")
 
@@ -237,7 +237,7 @@ def check_schedule(hparams):
     for old in ("freeze_encoder_steps",):
         if old in hparams:
             raise ConfigError(f"{old} is gone: schedules are fractions of the run now; set --freeze_encoder "
-                              "to a fraction such as 0.125 (README: One recipe from 1 to 64 GPUs)")
+                              "to a fraction such as 0.125 (docs/global_batch.md)")
     seconds = hparams.get("global_batch_seconds")
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
         raise ConfigError(f"global_batch_seconds={seconds!r} is not a number of seconds > 0: set "
@@ -252,7 +252,7 @@ def check_schedule(hparams):
     for name, cfg in hparams["lr"].items():
         if "warmup_steps" in cfg:
             raise ConfigError(f"lr: {name}: warmup_steps is gone: schedules are fractions of the run now; "
-                              "use warmup and hold (README: One recipe from 1 to 64 GPUs)")
+                              "use warmup and hold (docs/global_batch.md)")
         for key in ("warmup", "hold", "final_ratio"):
             if not _fraction(cfg.get(key)):
                 raise ConfigError(f"lr: {name}: {key}={cfg.get(key)!r} is not a fraction in [0, 1]: "

@@ -3,7 +3,7 @@
 family's own class: `Wav2Vec2ForCTC`, `HubertForCTC`, `Data2VecAudioForCTC`) that
 `transformers` loads (`AutoModelForCTC`), with the feature extractor and the CTC tokenizer.
 
-    python export_hf.py results/demo/1986 exported/
+    python -m wavlm_ddp.export_hf results/demo/1986 exported/
     # then: WavLMForCTC.from_pretrained("exported/"), Wav2Vec2Processor.from_pretrained("exported/")
 
 The exported model computes the same logits as the recipe's model (tested).
@@ -15,7 +15,7 @@ beside it for unigram vocabularies, which the CTC tokenizer cannot decode.
 When the run decodes its test set with an n-gram LM, the export is a
 `Wav2Vec2ProcessorWithLM` (pyctcdecode; its `language_model/` holds the LM, the
 words and the weights) and `decoding.json` holds the recipe's search settings:
-`processor.batch_decode(logits.numpy()).text` and `transcribe.py exported/ --beam`
+`processor.batch_decode(logits.numpy()).text` and `python -m wavlm_ddp.transcribe exported/ --beam`
 then give the recipe's beam-search transcripts.
 """
 
@@ -28,8 +28,8 @@ from pathlib import Path
 
 from transformers import AutoModelForCTC, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
-from decoding import CTCDecoder, search_settings
-from inference import TrainedModel
+from wavlm_ddp.decoding.search import CTCDecoder, search_settings
+from wavlm_ddp.inference import TrainedModel
 
 SPM_WORD_MARK = "\u2581"  # SentencePiece's word-boundary piece
 DECODING_FILE = "decoding.json"  # test_search of the run, when it has an LM
@@ -75,7 +75,7 @@ def export(output_folder, export_dir):
         declare_lm_processor(export_dir, type(processor).__name__)
     shutil.copy(trained.tokenizer_path, export_dir / "sentencepiece.model")
     if search["mode"] == "beam" and search.get("lm_path"):
-        # The recipe's own search settings, for transcribe.py exported/ --beam (the LM is pyctcdecode's copy).
+        # The recipe's own search settings, for `wavlm_ddp.transcribe exported/ --beam (the LM is pyctcdecode's copy).
         lm_file = next((export_dir / "language_model").glob(f"{Path(search['lm_path']).stem}*"))
         settings = {**search, "lm_path": str(lm_file.relative_to(export_dir)), "lexicon": None}
         (export_dir / DECODING_FILE).write_text(json.dumps(settings, indent=1))
@@ -126,9 +126,15 @@ def main(argv=None):
     print(f"exported to {export(args.output_folder, args.export_dir)}")
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command's exit status: 0, or 2 with one line on stderr."""
     try:
-        main()
+        main(argv)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

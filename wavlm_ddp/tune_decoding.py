@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Find the LM weight and word score of a finished run's beam search on its valid set.
 
-    python tune_decoding.py results/wavlm_large_ctc/1986 [--overwrite]
+    python -m wavlm_ddp.tune_decoding results/wavlm_large_ctc/1986 [--overwrite]
 
 The valid set goes through the model once (log-probabilities kept in memory);
 then every pair of the run's `decoding_grid` (lm_weight x word_score) decodes
 those log-probabilities with the run's `test_search`. The best pair (lowest WER,
 ties to the smaller LM weight) is written to the run's `decoding_file`, which the
-test evaluation (`train.py ... --test_only`) and `transcribe.py --beam` then use.
+test evaluation (`train.py ... --test_only`) and `wavlm_ddp.transcribe --beam` then use.
 """
 
 import argparse
@@ -19,17 +19,17 @@ import torch
 import yaml
 from speechbrain.utils.metric_stats import ErrorRateStats
 
-from decoding import CTCDecoder
-from preflight import ConfigError
-from recipes.validate_manifest import read_manifest
-from inference import TrainedModel
+from wavlm_ddp.decoding.search import CTCDecoder
+from wavlm_ddp.preflight import ConfigError
+from wavlm_ddp.data.manifests import read_manifest
+from wavlm_ddp.inference import TrainedModel
 
 
 def valid_set(hparams):
     """[(ID, audio path or value, words)] of the run's valid split: its manifest, or
     its HF dataset (valid_data)."""
     if hparams.get("valid_data"):
-        import hf_data
+        from wavlm_ddp.data import hf as hf_data
 
         columns = dict(hparams["hf_columns"])
         dataset = hf_data.open_split(hparams["valid_data"], "valid", (hparams.get("hf_splits") or {}).get(
@@ -88,13 +88,19 @@ def main(argv=None):
     }, sort_keys=False))
     tmp.replace(target)
     print(f"best: lm_weight {lm_weight:g}, word_score {word_score:g}, valid WER {wer:.2f} % (greedy "
-          f"{greedy:.2f} %); written to {target}, used by the test evaluation and transcribe.py --beam")
+          f"{greedy:.2f} %); written to {target}, used by the test evaluation and wavlm_ddp.transcribe --beam")
     return lm_weight, word_score
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command's exit status: 0, or 2 with one line on stderr."""
     try:
-        main()
+        main(argv)
     except (ConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Transcribe audio files with a finished run or an HF export, on CPU or GPU.
 
-    python transcribe.py results/demo/1986 a.wav b.flac           # prints "file<TAB>transcript"
-    python transcribe.py results/demo/1986 --csv test.csv --out hyps.csv
-    python transcribe.py exported/ a.wav                          # a folder written by export_hf.py
-    python transcribe.py results/demo/1986 recordings/ --list more.txt   # a folder's audio; a list file
+    python -m wavlm_ddp.transcribe results/demo/1986 a.wav b.flac           # prints "file<TAB>transcript"
+    python -m wavlm_ddp.transcribe results/demo/1986 --csv test.csv --out hyps.csv
+    python -m wavlm_ddp.transcribe exported/ a.wav                          # a folder written by export_hf.py
+    python -m wavlm_ddp.transcribe results/demo/1986 recordings/ --list more.txt   # a folder's audio; a list file
 
 A file that cannot be read (missing, not audio, truncated) gets one line on stderr
 naming it and why; every other file is transcribed, and the exit status is 1 when
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from audio import audio_files
-from inference import open_model
+from wavlm_ddp.data.audio import audio_files
+from wavlm_ddp.inference import open_model
 
 
 def expand_inputs(arguments, list_files):
@@ -56,8 +56,8 @@ def read_csv_paths(csv_path, data_root):
 
 
 def read_hf_audio(spec, split, id_column, audio_column):
-    """{ID: audio value} of an HF dataset (hf_data.py; needs the datasets extra)."""
-    import hf_data
+    """{ID: audio value} of an HF dataset (data/hf.py; needs the datasets extra)."""
+    from wavlm_ddp.data import hf as hf_data
 
     dataset = hf_data.open_split(spec, split, split, {"id": id_column or None, "audio": audio_column})
     return dict(zip(hf_data.row_ids(dataset, id_column, split, range(len(dataset))), dataset[audio_column]))
@@ -121,10 +121,15 @@ def main(argv=None):
     return rows, failed
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command's exit status: 0, 1 when some file failed, 2 when the command is wrong."""
     try:
-        _, failures = main()
+        _, failures = main(argv)
     except (FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(1 if failures else 0)
+        return 2
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

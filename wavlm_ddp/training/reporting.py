@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from speechbrain.utils.distributed import if_main_process
 
-from training_curves import append_history, plot_history
+from wavlm_ddp.training.curves import append_history, plot_history
 
 
 def global_sum(value):

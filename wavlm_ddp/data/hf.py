@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from audio import audio_source
-from preflight import ConfigError
-from recipes.validate_manifest import BadRow, audio_problems, stated_duration, text_problems
+from wavlm_ddp.data.audio import audio_source
+from wavlm_ddp.preflight import ConfigError
+from wavlm_ddp.data.manifests import BadRow, audio_problems, stated_duration, text_problems
 
-INSTALL_HINT = "pip install -e '.[datasets]' (README: Corpora of thousands of hours)"
+INSTALL_HINT = "pip install -e '.[datasets]' (docs/data.md)"
 
 
 def _datasets():

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-import wavlm_attention
-from preflight import LAYERDROP_MODES, ConfigError, check_choice, check_layerdrop, check_positive_int
+from wavlm_ddp.encoder import attention as wavlm_attention
+from wavlm_ddp.preflight import LAYERDROP_MODES, ConfigError, check_choice, check_layerdrop, check_positive_int
 
 # HF encoders the recipe drives (config.model_type): the same CNN + projection +
 # positional conv + encoder-layer loop; only WavLM has the gated relative position bias.

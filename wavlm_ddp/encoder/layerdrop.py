@@ -10,7 +10,7 @@ proves it across ranks at run time.
 import numpy as np
 import torch
 
-from fault_tolerance import collective_device
+from wavlm_ddp.distributed import collective_device
 
 
 def layerdrop_schedule(step, num_layers, layerdrop, seed, rank=0):

@@ -1,11 +1,8 @@
-#!/usr/bin/env python3
 """Build a word n-gram language model in the ARPA format from text, with no network
 and no compiled tool: interpolated Kneser-Ney smoothing, written in backoff form as
 KenLM's `lmplz` writes it (any ARPA reader loads it: KenLM, flashlight, pyctcdecode).
 
-    python -m recipes.build_ngram_lm TEXT [TEXT ...] --output lm.arpa [--order 3]
-
-TEXT is a manifest CSV (its `wrd` column: by default the training transcripts) or a
+The command is `python -m wavlm_ddp.build_lm` (build_lm.py). TEXT is a manifest CSV (its `wrd` column: by default the training transcripts) or a
 plain text file with one sentence per line (for LibriSpeech, the official
 librispeech-lm-norm.txt, or download the official 4-gram ARPA instead). Words are
 split on spaces and kept as they are (the recipe's transcripts are upper case).
@@ -20,12 +17,10 @@ the uniform distribution over the vocabulary and <unk>. The ARPA file stores p(w
 for every seen n-gram and D_n * T(h) / A(h) as the backoff weight of h.
 """
 
-import argparse
 import collections
 import csv
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -163,22 +158,3 @@ def build_lm(texts, output, order=3):
         raise ValueError(f"no words in {', '.join(map(str, texts))}: the LM needs text")
     logs, bows = estimate(counts, order)
     return write_arpa(logs, bows, output)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("texts", nargs="+", help="manifest CSVs (wrd column) or text files")
-    parser.add_argument("--output", required=True, help="the ARPA file to write")
-    parser.add_argument("--order", type=int, default=3, help="n-gram order (3; LibriSpeech's official LM: 4)")
-    args = parser.parse_args(argv)
-    if Path(args.output).exists():
-        sys.exit(f"error: {args.output} exists: choose another --output or delete it")
-    try:
-        path = build_lm(args.texts, args.output, args.order)
-    except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
-    print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()

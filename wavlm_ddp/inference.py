@@ -4,8 +4,10 @@ length, long files read in overlapping windows, and greedy or beam-search decodi
 Used by transcribe.py, export_hf.py, tune_decoding.py and the decoder benchmark.
 """
 
+import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import speechbrain as sb
@@ -13,11 +15,26 @@ import torch
 from hyperpyyaml import load_hyperpyyaml
 from transformers import AutoModelForCTC, Wav2Vec2FeatureExtractor
 
-from audio import AUDIO_ERRORS, load_audio, read_error
-from decoding import CTCDecoder, search_settings
-from fault_tolerance import SafeCheckpointer
-from recipes.tokenizer import load_tokenizer
-from wavlm_wrapper import normalize_waveforms
+from wavlm_ddp.data.audio import AUDIO_ERRORS, load_audio, read_error
+from wavlm_ddp.decoding.search import CTCDecoder, search_settings
+from wavlm_ddp.faults.checkpoints import SafeCheckpointer
+from wavlm_ddp.data.tokenizer import load_tokenizer
+from wavlm_ddp.encoder.model import normalize_waveforms
+
+# Where the classes that a run folder's hyperparams.yaml names live now: the recipe's
+# library was top-level modules before it became the wavlm_ddp package, and the
+# encoder is the package's wherever the recipe's wavlm_wrapper.py is not importable
+# (an installed wheel transcribing a run folder).
+MOVED_NAMES = {
+    "fault_tolerance.SafeCheckpointer": "wavlm_ddp.faults.checkpoints.SafeCheckpointer",
+}
+WRAPPER_NAMES = {
+    "wavlm_wrapper.SpeechEncoder": "wavlm_ddp.encoder.SpeechEncoder",
+    "wavlm_wrapper.WavLM": "wavlm_ddp.encoder.SpeechEncoder",
+}
+# Keys a finished run's YAML may hold that transcribing never calls (data preparation,
+# which lives in the checkout's recipes/): set to null so that loading imports nothing.
+UNUSED_FOR_INFERENCE = ("prepare_data",)
 
 # The feature extractor's settings are in processor_config.json (transformers 5) or
 # preprocessor_config.json (4.x); Wav2Vec2FeatureExtractor reads either.
@@ -128,8 +145,7 @@ class TrainedModel(Transcriber):
         config = output_folder / "hyperparams.yaml"
         if not config.exists():
             raise FileNotFoundError(f"{config} not found: give the output_folder of a training run")
-        with open(config) as f:
-            self.hparams = load_hyperpyyaml(f)
+        self.hparams = load_run_hparams(config)
         save_folder = Path(self.hparams["save_folder"])
         if not save_folder.is_absolute() and not save_folder.exists():
             save_folder = output_folder / "save"  # a run folder that was moved
@@ -209,6 +225,19 @@ class ExportedModel(Transcriber):
             alone = [self.model(wavs[i : i + 1, :n]).logits[0] for i, n in enumerate(mask.sum(dim=1).tolist())]
             return torch.nn.utils.rnn.pad_sequence(alone, batch_first=True)
         return self.model(wavs, attention_mask=mask.long()).logits
+
+
+def load_run_hparams(config):
+    """A run folder's hyperparams.yaml, loaded with the classes it names where they
+    live now (MOVED_NAMES) and without the keys that only training calls."""
+    text = Path(config).read_text()
+    moved = dict(MOVED_NAMES)
+    if importlib.util.find_spec("wavlm_wrapper") is None:
+        moved.update(WRAPPER_NAMES)
+    for old, new in moved.items():
+        text = re.sub(rf"(!(?:name|new|apply):){re.escape(old)}\b", rf"\g<1>{new}", text)
+    present = [key for key in UNUSED_FOR_INFERENCE if re.search(rf"^{key}:", text, flags=re.M)]
+    return load_hyperpyyaml(text, {key: None for key in present})
 
 
 def open_model(folder, device="cpu"):

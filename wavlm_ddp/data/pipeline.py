@@ -1,7 +1,7 @@
 """The data of a run: the check of every row (reused while nothing changed), the
 train / valid / test datasets with their audio and text pipelines, and the global
 sequence of training batches. Each split is a CSV manifest (`<split>_csv`) or an
-HF dataset (`<split>_data`: parquet or a save_to_disk folder, hf_data.py)."""
+HF dataset (`<split>_data`: parquet or a save_to_disk folder, data/hf.py)."""
 
 import collections
 import logging
@@ -14,10 +14,10 @@ import speechbrain as sb
 import torch
 from speechbrain.utils.distributed import ddp_broadcast, if_main_process
 
-import hf_data
-from audio import load_audio
-from preflight import ConfigError
-from recipes.validate_manifest import (
+from wavlm_ddp.data import hf as hf_data
+from wavlm_ddp.data.audio import load_audio
+from wavlm_ddp.preflight import ConfigError
+from wavlm_ddp.data.manifests import (
     CHECK_VERSION,
     AudioLimits,
     empty_splits,
@@ -31,7 +31,7 @@ from recipes.validate_manifest import (
     training_charset,
     validate_manifests,
 )
-from schedule import length_buckets, make_plan
+from wavlm_ddp.training.schedule import length_buckets, make_plan
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")

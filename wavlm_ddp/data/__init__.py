@@ -1,0 +1,1 @@
+"""Manifests and HF datasets, audio reading, the tokenizer and the data check."""

@@ -1,0 +1,1 @@
+"""CTC decoding: greedy, beam search with an n-gram LM, and the LM estimator."""

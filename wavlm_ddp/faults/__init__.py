@@ -1,0 +1,1 @@
+"""What keeps a run alive and its work safe: checkpoints, guards, preemption, the folder lock."""

@@ -1,0 +1,1 @@
+"""What the Brain adds to SpeechBrain: the global batch, schedules and reports."""
