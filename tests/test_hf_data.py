@@ -109,7 +109,8 @@ def test_a_restart_reuses_the_check_without_decoding_a_row_and_a_changed_shard_c
     assert "their audio was not read again" in stdout and decoded == []
 
     shard = sorted((data / "valid").glob("*.parquet"))[0]
-    pq.write_table(pq.read_table(shard), shard)  # rewritten: a new modification time
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(0, table.num_rows - 1), shard)  # rewritten with one row fewer
     code, stdout, err = check(*data_args(data), f"--output_folder={out}")
     assert code == 0, err[-3000:]
     assert "their audio was not read again" not in stdout and decoded  # every split checked again

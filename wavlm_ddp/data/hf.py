@@ -7,21 +7,28 @@ The audio is decoded with soundfile (audio.load_audio), never by `datasets` (who
 decoding needs torchcodec). Parquet is read through `datasets` into its Arrow cache
 (HF_DATASETS_CACHE) once; a save_to_disk folder is memory-mapped as it is.
 Rows are read by index: SpeechBrain's dataset keys are row numbers, and each row
-carries its own ID (the id column, else `<split>-<row>`).
+carries its own ID (the id column, else `<split>-<row>`), by which bad rows are left out.
+
+A shard is known by its content (content_digests): datasets keys its Arrow cache of
+local parquet files on their modification time alone, and a copy that keeps it
+(`cp -p`, `rsync -t`, `tar x`) would otherwise reuse both that cache and the check.
 """
 
 import glob
 import hashlib
 import json
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from wavlm_ddp.data.audio import audio_source
 from wavlm_ddp.preflight import ConfigError
-from wavlm_ddp.data.manifests import BadRow, audio_problems, stated_duration, text_problems
+from wavlm_ddp.data.manifests import BadRow, audio_problems, file_state, stated_duration, text_problems
 
 INSTALL_HINT = "pip install -e '.[datasets]' (docs/data.md)"
 
@@ -66,7 +73,9 @@ def open_split(spec, split, hf_split, columns):
     elif path.is_dir() and (path / "state.json").exists():
         dataset = datasets.load_from_disk(str(path))
     else:
-        dataset = datasets.Dataset.from_parquet(data_files(spec))
+        files = data_files(spec)
+        # The shards' content in the cache's key: datasets would key it on their mtime alone.
+        dataset = datasets.Dataset.from_parquet(files, description=f"content {combined(content_digests(files))}")
     wanted = [name for name in columns.values() if name]
     missing = [name for name in wanted if name not in dataset.column_names]
     if missing:
@@ -86,6 +95,33 @@ def row_ids(rows, id_column, split, numbers):
     return [f"{split}-{n}" for n in numbers]
 
 
+def rows_of_ids(dataset, id_column, split, ids):
+    """The row numbers of a split whose ID is in `ids`: by the id column, so a saved
+    check names the same rows after the shards were reordered; without one the IDs
+    are `<split>-<row number>`, which name other rows once the rows move."""
+    if not ids:
+        return []
+    if id_column:
+        found = pc.is_in(dataset.data.column(id_column).cast(pa.string()), value_set=pa.array(sorted(ids)))
+        return np.flatnonzero(found.to_numpy(zero_copy_only=False)).tolist()
+    prefix = f"{split}-"
+    return sorted(int(i[len(prefix):]) for i in ids if i.startswith(prefix) and i[len(prefix):].isdigit())
+
+
+def duplicate_ids(dataset, id_column, label):
+    """A BadRow for each row whose ID an earlier row of the split has: rows are left
+    out by ID, so an ID must name one row."""
+    if not id_column:
+        return []
+    first, bad = {}, []
+    for row, utt_id in enumerate(dataset.data.column(id_column).to_pylist()):
+        utt_id = str(utt_id)
+        if utt_id in first:
+            bad.append(BadRow(label, row, utt_id, f"duplicate ID, first at row {first[utt_id]}"))
+        first.setdefault(utt_id, row)
+    return bad
+
+
 class ArrowRows(Mapping):
     """A split's rows as SpeechBrain's DynamicItemDataset reads them: key = row
     number, value = {"utt_id", "wav" (the audio value), "wrd", "duration"} (SpeechBrain
@@ -97,6 +133,13 @@ class ArrowRows(Mapping):
         self.durations = np.asarray(durations, dtype=np.float64)
         left = set(leave_out)
         self.keys_ = [i for i in range(len(dataset)) if i not in left]
+
+    def ids(self, numbers):
+        """The IDs of rows `numbers`, without reading their audio."""
+        if self.columns.get("id"):
+            column = self.dataset.data.column(self.columns["id"])
+            return [str(value) for value in column.take(pa.array(numbers, type=pa.int64())).to_pylist()]
+        return [f"{self.split}-{n}" for n in numbers]
 
     def __getitem__(self, index):
         row = self.dataset[int(index)]
@@ -160,15 +203,111 @@ def check_rows(dataset, columns, split, spec, indices, limits, charset):
     return bad, seconds
 
 
-def split_fingerprint(spec, hf_split, columns):
-    """What the check of an HF split depends on, per shard file (path, size,
-    modification time): no row is read, so a restart costs one stat per shard."""
+def split_fingerprint(spec, hf_split, columns, dataset):
+    """What the check of an HF split depends on: each shard file's path and content
+    (content_digests), and the size and modification time of each audio file that a
+    row names by path instead of holding its bytes (as for a CSV manifest's audio)."""
     files = data_files(spec)
     digest = hashlib.sha256(json.dumps([str(spec), hf_split, columns]).encode())
-    for name in files:
-        stat = os.stat(name)
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for name, content in content_digests(files).items():
+        digest.update(f"{name}\0{content}\n".encode())
+    for path in referenced_audio(dataset, columns["audio"]):
+        digest.update(file_state(path))
     return digest.hexdigest()
+
+
+def referenced_audio(dataset, audio_column):
+    """The paths of the audio that rows hold by path (HF's audio struct without bytes,
+    or a column of paths), read from the Arrow table without touching any audio bytes
+    (the bytes' validity and offsets only)."""
+    paths = []
+    for chunk in dataset.data.column(audio_column).chunks:
+        if pa.types.is_struct(chunk.type):
+            fields = dict(zip((field.name for field in chunk.type), chunk.flatten()))
+            if "path" not in fields:
+                continue
+            if "bytes" in fields:
+                no_bytes = pc.fill_null(pc.equal(pc.binary_length(fields["bytes"]), 0), True)
+                chunk = fields["path"].filter(no_bytes)
+            else:
+                chunk = fields["path"]
+        elif not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
+            continue  # bytes: nothing on disk
+        paths += [path for path in chunk.to_pylist() if path]
+    return paths
+
+
+_MEMO_NAME = "wavlm_ddp_content_digests.json"  # beside datasets' Arrow cache
+_memo = None  # {path: [size, mtime_ns, ctime_ns, inode, sha256]}, loaded once per process
+
+
+def content_digests(files):
+    """{file: SHA-256 of its bytes}, which any rewrite changes (a parquet footer costs
+    far less to read, but stays the same when audio bytes change in place, and
+    hashing reads every byte). Each digest is kept in a memo beside
+    datasets' cache with the file's size, modification time, inode and status-change
+    time (ctime): every write and every utime sets the ctime to the present, and no
+    copying tool sets it back. So a restart costs one stat per shard, and a shard
+    whose identity changed is hashed again: a copy of the same bytes keeps the check,
+    other bytes are checked again."""
+    global _memo
+    if _memo is None:
+        _memo = _read_memo()
+    digests, fresh = {}, {}
+    for name in files:
+        before = os.stat(name)
+        key = [before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_ino]
+        saved = _memo.get(os.path.abspath(name))
+        if saved and saved[:4] == key:
+            digests[name] = saved[4]
+            continue
+        digests[name] = _file_digest(name)
+        after = os.stat(name)
+        # Not kept while the file may still change within one tick of the ctime clock.
+        if [after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino] == key and \
+                time.time() - max(after.st_ctime_ns, after.st_mtime_ns) / 1e9 > 1:
+            fresh[os.path.abspath(name)] = key + [digests[name]]
+    if fresh:
+        _memo.update(fresh)
+        _write_memo(fresh)
+    return digests
+
+
+def combined(digests):
+    """One digest for {file: digest}."""
+    return hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()
+
+
+def _file_digest(name):
+    digest = hashlib.sha256()
+    with open(name, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _memo_path():
+    return Path(_datasets().config.HF_DATASETS_CACHE) / _MEMO_NAME
+
+
+def _read_memo():
+    try:
+        return json.loads(_memo_path().read_text())
+    except (OSError, ValueError):
+        return {}  # absent or torn: the files are hashed again
+
+
+def _write_memo(fresh):
+    """Add `fresh` to the memo on disk (other processes may have added theirs)."""
+    path = _memo_path()
+    try:
+        memo = {name: saved for name, saved in {**_read_memo(), **fresh}.items() if os.path.exists(name)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: the digests are computed again next time
 
 
 def durations_file(check_file, split):

@@ -12,16 +12,20 @@ import json
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import soundfile as sf
 
+from wavlm_ddp.preflight import ConfigError
+
 logger = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("ID", "duration", "wav", "wrd")
 TAIL_FRAMES = 1024
-CHECK_VERSION = 4  # bump when the checks change, so saved results are not reused
+CHECK_VERSION = 5  # bump when the checks change, so saved results are not reused
 CHUNK_ROWS = 2000  # rows a check worker takes at a time
 
 
@@ -71,7 +75,7 @@ def validate_manifests(csv_paths, data_root, limits, charset, workers=1, share=(
     if share[0] != 0:
         bad = []
     check = functools.partial(_check_csv_rows, data_root=data_root, limits=limits, charset=charset)
-    for _, found in in_parallel(check, rows, workers, share):
+    for _, found in in_parallel(check, rows, workers, share, csv_block):
         bad.extend(found)
     return ordered(bad, csv_paths.values())
 
@@ -87,29 +91,147 @@ def _check_csv_rows(rows, data_root, limits, charset):
             for reason in _row_problems(row, data_root, limits, charset)]
 
 
-_check = None  # what the forked check workers run, set before the pool starts
-
-
-def _call(chunk):
-    return _check(chunk)
-
-
-def in_parallel(check, items, workers, share=(0, 1)):
+def in_parallel(check, items, workers, share=(0, 1), block=None):
     """[(chunk number, check(chunk))] over `items` cut into chunks of CHUNK_ROWS, for
     this rank's share of the chunks (rank r of N takes chunks r, r + N, ...), by
-    `workers` forked processes: nothing is imported again, and `check` is not pickled."""
-    global _check
+    `workers` forked processes: nothing is imported again, and `check` is not pickled.
+    A worker that dies (a crash in the audio library, the out-of-memory killer) is
+    one ConfigError naming its chunk, by `block(chunk)` (file and rows)."""
     chunks = [items[i : i + CHUNK_ROWS] for i in range(0, len(items), CHUNK_ROWS)]
     numbers = list(range(share[0], len(chunks), share[1]))
     mine = [chunks[i] for i in numbers]
     if workers <= 1 or len(mine) < 2:
         return list(zip(numbers, map(check, mine)))
-    _check = check
+    results = _forked_map(check, mine, min(workers, len(mine)), block or (lambda chunk: f"{len(chunk)} rows"))
+    return list(zip(numbers, results))
+
+
+def _forked_map(check, chunks, workers, block):
+    """[check(chunk) for chunk in chunks] on `workers` forked processes, each sent
+    one chunk number at a time, so the chunk a dead worker held is known (a pool's
+    map would wait for its result forever)."""
+    context = multiprocessing.get_context("fork")
+    results, pending, held, procs = [None] * len(chunks), list(range(len(chunks)))[::-1], {}, {}
+    idle, dead = [], None
     try:
-        with multiprocessing.get_context("fork").Pool(min(workers, len(mine))) as pool:
-            return list(zip(numbers, pool.map(_call, mine, chunksize=1)))
+        for _ in range(workers):
+            ours, theirs = context.Pipe()
+            procs[ours] = context.Process(target=_serve, args=(check, chunks, theirs), daemon=True)
+            procs[ours].start()
+            theirs.close()
+            idle.append(ours)
+        while dead is None and (held or pending):
+            while idle and pending and dead is None:
+                conn = idle.pop()
+                held[conn] = pending.pop()
+                try:
+                    conn.send(held[conn])
+                except OSError:  # it died between two chunks
+                    dead = procs[conn], chunks[held[conn]]
+            for conn in multiprocessing.connection.wait(list(held)) if dead is None else []:
+                try:
+                    failed, result = conn.recv()
+                except (EOFError, OSError):  # it died holding its chunk
+                    dead = procs[conn], chunks[held[conn]]
+                    break
+                if failed:
+                    raise result
+                results[held.pop(conn)] = result
+                idle.append(conn)
     finally:
-        _check = None
+        for conn, proc in procs.items():
+            proc.kill()
+            proc.join()
+            conn.close()
+    if dead:
+        raise ConfigError(_death(dead[0].exitcode, dead[1], check, block))
+    return results
+
+
+def _serve(check, chunks, conn):
+    """A check worker: check the chunk whose number arrives, send the result back."""
+    while True:
+        try:
+            number = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send((False, check(chunks[number])))
+        except Exception as error:  # the parent raises it, as Pool.map would
+            try:
+                conn.send((True, error))
+            except Exception:  # not picklable
+                conn.send((True, RuntimeError(f"{type(error).__name__}: {error}")))
+
+
+def _death(code, chunk, check, block):
+    """Why a check worker ended without its result, in one line with the fix: the
+    chunk is checked again one row at a time in a fresh process, whose death names the row."""
+    how = f"was killed by {_signal_name(-code)}" if code is not None and code < 0 else f"exited with status {code}"
+    where = f"a check worker {how} while checking {block(chunk)}"
+    row, again = _first_fatal_row(check, chunk)
+    if row is not None:
+        why = ("reading it takes more memory than the job has, or kills the audio library" if again == -signal.SIGKILL
+               else "the audio library crashes on it")
+        return f"{where}, and checking {block(chunk[row : row + 1])} alone {_how_it_ended(again)} too: {why}: " \
+               "remove or re-encode that file"
+    if code == -signal.SIGKILL:
+        return (f"{where}; one row at a time they pass, so most likely the out-of-memory killer: give the job more "
+                f"memory, or lower --check_workers (each worker holds {CHUNK_ROWS} rows at a time)")
+    return (f"{where}; one row at a time they pass, so no one file does it: run the check again, with "
+            "--check_workers=1 (no worker processes) if it happens again")
+
+
+def _first_fatal_row(check, chunk):
+    """(the position of the first row of `chunk` whose check alone ends a forked
+    process, how it ended) or (None, None)."""
+    context = multiprocessing.get_context("fork")
+    ours, theirs = context.Pipe()
+    proc = context.Process(target=_one_by_one, args=(check, chunk, theirs), daemon=True)
+    proc.start()
+    theirs.close()
+    passed = 0
+    try:
+        while (message := ours.recv()) is not None:
+            passed = message
+    except (EOFError, OSError):
+        proc.join()
+        return passed, proc.exitcode
+    finally:
+        proc.kill()
+        proc.join()
+        ours.close()
+    return None, None
+
+
+def _one_by_one(check, chunk, conn):
+    for k in range(len(chunk)):
+        try:
+            check(chunk[k : k + 1])
+        except Exception:
+            pass  # a Python error is the worker's result to report, not a death
+        conn.send(k + 1)
+    conn.send(None)
+
+
+def _signal_name(number):
+    return signal.Signals(number).name if number in signal.valid_signals() else f"signal {number}"
+
+
+def _how_it_ended(code):
+    return f"is killed by {_signal_name(-code)}" if code is not None and code < 0 else f"exits with status {code}"
+
+
+def csv_block(rows):
+    """The manifest lines of a chunk of (path, line, row): `path lines a-b`, or for
+    one row `path line a (its wav)`."""
+    if len(rows) == 1:
+        path, line, row = rows[0]
+        return f"{path} line {line} ({row.get('wav')})"
+    spans = {}
+    for path, line, _ in rows:
+        spans.setdefault(path, [line, line])[1] = line
+    return "; ".join(f"{path} line {a}" if a == b else f"{path} lines {a}-{b}" for path, (a, b) in spans.items())
 
 
 def read_manifest(path, data_root, leave_out=()):
@@ -251,13 +373,17 @@ def fingerprint(csv_paths, data_root, limits, charset):
         data = Path(path).read_bytes()
         digest.update(f"{split}\0{path}\0".encode() + data)
         for row in csv.DictReader(data.decode("utf-8", errors="replace").splitlines()):
-            wav = (row.get("wav") or "").replace("$data_root", str(data_root))
-            try:
-                stat = os.stat(wav)
-                digest.update(f"{wav}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-            except OSError:
-                digest.update(f"{wav}\0missing\n".encode())
+            digest.update(file_state((row.get("wav") or "").replace("$data_root", str(data_root))))
     return digest.hexdigest()
+
+
+def file_state(path):
+    """What a fingerprint knows of an audio file without reading it: size and mtime."""
+    try:
+        stat = os.stat(path)
+        return f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
+    except OSError:
+        return f"{path}\0missing\n".encode()
 
 
 def load_check(cache_path, digest):

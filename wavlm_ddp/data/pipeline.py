@@ -31,7 +31,7 @@ from wavlm_ddp.data.manifests import (
     training_charset,
     validate_manifests,
 )
-from wavlm_ddp.training.schedule import length_buckets, make_plan
+from wavlm_ddp.training.schedule import length_buckets, make_plan, plan_summary, same_plan_on_every_rank
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
@@ -106,8 +106,9 @@ def _hf_dataset(hparams, split, bad_rows):
         if durations is None:
             raise ConfigError(f"the measured durations of {label} are missing: run the check again "
                               f"(delete {hparams['manifest_check_file']})")
-    rows = hf_data.ArrowRows(dataset, columns, split, durations, leave_out={b.row for b in bad_rows
-                                                                            if b.file == label})
+    bad_ids = {b.utt_id for b in bad_rows if b.file == label}
+    rows = hf_data.ArrowRows(dataset, columns, split, durations,
+                             leave_out=hf_data.rows_of_ids(dataset, columns.get("id"), split, bad_ids))
     keys = np.asarray(rows.keys(), dtype=np.int64)
     filtered = None
     if split == "train" and hparams["max_duration"] and len(keys):
@@ -131,6 +132,13 @@ def dataset_durations(dataset):
     if isinstance(dataset.data, hf_data.ArrowRows):
         return [float(d) for d in dataset.data.durations[np.asarray(dataset.data_ids, dtype=np.int64)]]
     return [float(dataset.data[utt_id]["duration"]) for utt_id in dataset.data_ids]
+
+
+def dataset_ids(dataset):
+    """The utterance IDs of a dataset's items in its order, without reading any audio."""
+    if isinstance(dataset.data, hf_data.ArrowRows):
+        return dataset.data.ids([int(n) for n in dataset.data_ids])
+    return [str(utt_id) for utt_id in dataset.data_ids]
 
 
 def dataio_prepare(hparams, tokenizer, bad_rows, datasets=None):
@@ -229,7 +237,8 @@ def _fingerprint(hparams, limits, charset):
     for split in SPLITS:
         if hf_spec(hparams, split):
             name = (hparams.get("hf_splits") or {}).get(split, split)
-            parts.append(hf_data.split_fingerprint(hf_spec(hparams, split), name, dict(hparams["hf_columns"])))
+            parts.append(hf_data.split_fingerprint(hf_spec(hparams, split), name, dict(hparams["hf_columns"]),
+                                                   open_hf(hparams, split)))
     return f"{CHECK_VERSION}-" + "-".join(part[:16] for part in parts)
 
 
@@ -251,13 +260,16 @@ def _check_all(hparams, charset):
         if not hf_spec(hparams, split):
             continue
         dataset, columns = open_hf(hparams, split), dict(hparams["hf_columns"])
+        label = f"{hf_spec(hparams, split)} [{split}]"
         check = partial(_check_hf_chunk, hparams=hparams, split=split, limits=limits, charset=charset)
-        parts = sorted(_gather(in_parallel(check, np.arange(len(dataset)), workers, (rank, world)), world),
+        block = partial(_hf_block, label=label)
+        parts = sorted(_gather(in_parallel(check, np.arange(len(dataset)), workers, (rank, world), block), world),
                        key=lambda part: part[0])
         found = [row for _, (rows, _) in parts for row in rows]
+        if rank == 0:
+            found = ordered(found + hf_data.duplicate_ids(dataset, columns.get("id"), label), [label])
         seconds = np.concatenate([s for _, (_, s) in parts]) if parts else np.zeros(0)
         bad += found
-        label = f"{hf_spec(hparams, split)} [{split}]"
         if rank == 0:
             if not len(dataset):
                 empty.append(f"the {split} split is empty: {label} has no rows")
@@ -275,6 +287,11 @@ def _check_hf_chunk(indices, hparams, split, limits, charset):
                               hf_spec(hparams, split), indices, limits, charset)
 
 
+def _hf_block(indices, label):
+    first, last = int(indices[0]), int(indices[-1])
+    return f"{label} row {first}" if first == last else f"{label} rows {first}-{last}"
+
+
 def _gather(items, world):
     """Every rank's list, concatenated in rank order (all ranks call it)."""
     if world == 1:
@@ -287,9 +304,15 @@ def _gather(items, world):
 def training_plan(hparams, train_data, world_size, run_opts):
     """The global batch arithmetic and the number of optimizer steps (a pure
     function of the data and the YAML, so every rank computes the same), and
-    the global sequence of batches. In debug mode: the steps debug mode runs."""
+    the global sequence of batches. In debug mode: the steps debug mode runs.
+
+    Under torch.distributed every rank calls it, and the ranks compare their plans
+    once (same_plan_on_every_rank): a rank that read other training data (another
+    view of the files) would otherwise train on other batches, or wait in a collective
+    the others never reach."""
     sampler_opts = dict(hparams["dynamic_batch_sampler"])
     durations = dataset_durations(train_data)
+    compare = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
     def make_batches(per_rank, num_buckets):
         boundaries = length_buckets(durations, num_buckets, per_rank, hparams["batches_per_bucket"])
@@ -297,10 +320,22 @@ def training_plan(hparams, train_data, world_size, run_opts):
             train_data, lengths_list=durations, bucket_boundaries=boundaries,
             **{**sampler_opts, "max_batch_length": per_rank, "num_buckets": None})
 
-    plan, batches = make_plan(make_batches, sampler_opts["num_buckets"], hparams["global_batch_seconds"],
-                              sampler_opts["max_batch_length"], world_size, hparams["number_of_epochs"],
-                              hparams["global_batch_tolerance"], hparams["max_duration"])
-    if run_opts.debug:  # SpeechBrain stops after debug_batches batches of debug_epochs epochs
+    plan = batches = refused = None
+    try:
+        plan, batches = make_plan(make_batches, sampler_opts["num_buckets"], hparams["global_batch_seconds"],
+                                  sampler_opts["max_batch_length"], world_size, hparams["number_of_epochs"],
+                                  hparams["global_batch_tolerance"], hparams["max_duration"])
+    except ConfigError as error:
+        if not compare:
+            raise
+        refused = str(error)  # raised once every rank knows the others' plans
+    if plan is not None and run_opts.debug:  # SpeechBrain stops after debug_batches batches of debug_epochs epochs
         plan.steps_per_epoch = [min(steps, run_opts.debug_batches) for steps in plan.steps_per_epoch]
         plan.steps_per_epoch = plan.steps_per_epoch[: run_opts.debug_epochs]
+    if compare:
+        settings = {key: hparams[key] for key in ("batches_per_bucket", "global_batch_seconds", "number_of_epochs",
+                                                  "global_batch_tolerance", "max_duration")}
+        summary = plan_summary(dataset_ids(train_data), durations, {**settings, "sampler": sampler_opts},
+                               plan, batches, refused)
+        same_plan_on_every_rank(summary, hparams["manifest_check_file"])
     return plan, batches

@@ -9,6 +9,9 @@ them: 1 process accumulating 2 batches and 2 ranks taking one each see the same
 audio at every step, so the same YAML trains the same model on any node.
 """
 
+import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 
@@ -95,6 +98,71 @@ def make_plan(make_batches, num_buckets, global_seconds, max_batch_length, world
             f"{global_seconds:g} (global_batch_tolerance={tolerance}): "
             + fill_fixes(make_batches, num_buckets, global_seconds, max_batch_length, world_size, tolerance, mean))
     return TrainingPlan(world_size, accumulation, per_rank, global_seconds, steps_per_epoch, mean), batches
+
+
+def plan_summary(ids, durations, settings, plan=None, batches=None, refused=None):
+    """A rank's plan as a few numbers and digests, to compare across ranks (never the
+    batches themselves): how many training utterances and seconds of audio (a sum
+    that does not depend on the order), their IDs and durations in dataset order,
+    the settings that batch them, the batches of epoch 1 (positions in that order;
+    later epochs follow from these and the seed) and the plan's numbers, or the
+    error that refused the plan."""
+    summary = {"utterances": len(ids), "seconds": math.fsum(durations),
+               "ids": _digest("\0".join(ids).encode()),
+               "durations": _digest(np.asarray(durations, dtype=np.float64).tobytes()),
+               "settings": _digest(json.dumps(settings, sort_keys=True, default=str).encode()),
+               "batches": None, "numbers": None, "refused": refused}
+    if plan is not None:
+        batches.set_epoch(1)
+        order = list(batches)
+        sizes = np.fromiter((len(batch) for batch in order), dtype=np.int64, count=len(order))
+        flat = np.fromiter((int(i) for batch in order for i in batch), dtype=np.int64, count=int(sizes.sum()))
+        summary["batches"] = _digest(sizes.tobytes() + flat.tobytes())
+        summary["numbers"] = _digest(json.dumps(dataclasses.asdict(plan), sort_keys=True).encode())
+    return summary
+
+
+def same_plan_on_every_rank(summary, check_file):
+    """Gather every rank's `plan_summary` once (every rank calls this, before step 1)
+    and raise the same ConfigError on every rank when any rank's differs from rank
+    0's, naming those ranks and what differs; then the error that refused the plan,
+    when it did, on every rank alike."""
+    world = torch.distributed.get_world_size()
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, summary)
+    first = gathered[0]
+    differ = [(rank, _difference(other, first)) for rank, other in enumerate(gathered) if other != first]
+    if differ:
+        ranks = ", ".join(str(rank) for rank, _ in differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8
+                                                                    else "")
+        whom = f"rank {ranks} differs" if len(differ) == 1 else f"ranks {ranks} differ"
+        shown = "; ".join(f"rank {rank}: {why}" for rank, why in differ[:8])
+        raise ConfigError(
+            f"the ranks planned different training batches: {whom} from rank 0 ({shown}): they read other training "
+            "data than rank 0, as a network file system's cache can show one node an older manifest or shard: give "
+            "every rank the same data_folder, manifests and datasets on one consistent shared file system, then run "
+            f"the check again (delete {check_file})")
+    if summary["refused"]:
+        raise ConfigError(summary["refused"])
+
+
+def _difference(other, first):
+    """What differs between a rank's plan summary and rank 0's, in a few words."""
+    if other["utterances"] != first["utterances"]:
+        return f"{other['utterances']} training utterances, rank 0 has {first['utterances']}"
+    if other["seconds"] != first["seconds"]:
+        return f"other durations: {other['seconds']:.3f} s of audio in all, rank 0 has {first['seconds']:.3f} s"
+    if other["ids"] != first["ids"] or other["durations"] != first["durations"]:
+        return "as much audio, but other utterance IDs, or other durations or order of them"
+    if other["settings"] != first["settings"]:
+        return "other batch settings (global_batch_seconds, dynamic_batch_sampler, ...)"
+    if other["refused"] != first["refused"]:
+        return f"its plan was refused: {other['refused']}" if other["refused"] else "rank 0's plan was refused"
+    return "other batches from the same utterances, durations and settings (another software version?)"
+
+
+def _digest(data):
+    return hashlib.sha256(data).hexdigest()
 
 
 def step_audio(batches, group):
