@@ -14,11 +14,13 @@
 # one process, before torchrun starts the workers. PYTHON names the interpreter
 # (default: the python3 first on PATH, that is the active environment's).
 #
-# SIGTERM or SIGUSR1 to this script (SLURM before a preemption or the time limit) reach
-# the workers, which save a checkpoint at the next optimizer step and stop; the script
-# then exits with status 75 and, under SLURM, requeues the job when it may. Exit
-# statuses: 0 done, 2 a check refused the run, 75 preempted (rerun to resume), other:
-# a worker failed (torchrun's report above).
+# SIGTERM or SIGUSR1 (SLURM sends them to every process of the job step before a
+# preemption or the time limit; a user may send them to this script alone) make the
+# workers save a checkpoint at the next optimizer step and stop; during the checks or
+# before step 1 they stop with nothing to save. The script then exits with status 75
+# and, under SLURM, requeues the job when it may. Exit statuses: 0 done, 2 a check
+# refused the run, 75 preempted (rerun to resume), other: a worker failed (torchrun's
+# report above). The workers end within seconds when this script or torchrun is killed.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -91,48 +93,79 @@ else
     rendezvous=(--standalone)
 fi
 
-# Everything this launch starts holds the output folder as one run (wavlm_ddp/faults/run_lock.py): the
-# SLURM job (a requeued job is the same run), else this launch.
-export WAVLM_RUN_ID="${WAVLM_RUN_ID:-${SLURM_JOB_ID:+slurm-$SLURM_JOB_ID}}"
-export WAVLM_RUN_ID="${WAVLM_RUN_ID:-$(hostname)-$$-$(date +%s)}"
+# Everything this launch starts holds the output folder as one run (wavlm_ddp/faults/run_lock.py);
+# another launch is another run, also inside one SLURM allocation.
+export WAVLM_RUN_ID="${WAVLM_RUN_ID:-${SLURM_JOB_ID:+slurm-$SLURM_JOB_ID-}$(hostname)-$$-$(date +%s)}"
 export WAVLM_LAUNCHER_PID=$$
+
+# ---- Stop requests ----
+# A stop signal is written into a file that every worker reads whenever it asks
+# whether to stop (also before its own handlers exist), and the workers tell this
+# script through another file that they stopped for it. The children start with TERM
+# and USR1 ignored (torchrun would die of USR1 or kill the workers on TERM; the workers
+# install their own handlers), and die with this script (setpriv's parent-death
+# signal, where util-linux has it; the workers also watch for it themselves).
+scratch="$(mktemp -d "${TMPDIR:-/tmp}/wavlm-launch.XXXXXX")" \
+    || fail "cannot create a temporary folder in ${TMPDIR:-/tmp}: set TMPDIR to a writable folder"
+trap 'rm -rf "$scratch"' EXIT
+export WAVLM_STOP_FILE="$scratch/stop" WAVLM_PREEMPT_MARKER="$scratch/preempted"
+# Where the file cannot be written (a full or cleaned TMPDIR), the signal goes to the
+# processes that torchrun started instead; nothing here may end this script.
+stop_requested() {
+    { echo "SIG$1" > "$WAVLM_STOP_FILE"; } 2>/dev/null \
+        || { [[ -n "$child" ]] && pkill "-$1" -P "$child" 2>/dev/null; } || true
+}
+child=""
+trap 'stop_requested TERM' TERM
+trap 'stop_requested USR1' USR1
+trap 'if [[ -n "$child" ]]; then kill -INT "$child" 2>/dev/null || true; else exit 130; fi' INT
+with_parent=()
+if setpriv --pdeathsig KILL true 2>/dev/null; then with_parent=(setpriv --pdeathsig KILL --); fi
+
+# run_child CMD...: CMD in the background (this script's traps run while it works); its status in $status.
+run_child() {
+    ( trap '' TERM USR1; exec ${with_parent[@]+"${with_parent[@]}"} "$@" ) &
+    child=$!
+    status=0
+    while true; do
+        wait "$child" && status=0 || status=$?
+        kill -0 "$child" 2>/dev/null || break  # wait was only interrupted by a signal
+    done
+    local reaped=0
+    wait "$child" 2>/dev/null || reaped=$?
+    if [[ "$reaped" -ne 127 ]]; then status=$reaped; fi  # the status that the interrupted wait missed
+    child=""
+}
+
+preempted() {
+    echo "preempted: the workers stopped at a safe point; the same command resumes the run (exit $PREEMPTED)" >&2
+    if [[ -n "${SLURM_JOB_ID:-}" && "${SLURM_NODEID:-0}" -eq 0 ]] && command -v scontrol >/dev/null 2>&1; then
+        scontrol requeue "$SLURM_JOB_ID" && echo "requeued SLURM job $SLURM_JOB_ID" >&2 \
+            || echo "SLURM job $SLURM_JOB_ID could not be requeued (submit it with --requeue): rerun it yourself" >&2
+    fi
+    exit "$PREEMPTED"
+}
 
 if [[ "$nnodes" -eq 1 && -z "${RDZV_ENDPOINT:-}" ]]; then
     # The checks (settings, output folder, data, global batch) once, in one process,
     # before any worker starts: an error is printed once, as the last line, with exit code 2.
     # The workers reuse the data check (manifest_check_file), also after a restart.
     # With several nodes each node's workers check instead (rank 0 decides for all).
-    "$python" "$here/train.py" "${train_args[@]}" --check_only --world_size="$nproc" || exit $?
+    run_child "$python" "$here/train.py" ${train_args[@]+"${train_args[@]}"} --check_only --world_size="$nproc"
+    if [[ "$status" -eq "$PREEMPTED" ]]; then preempted; fi
+    if [[ "$status" -ne 0 ]]; then exit "$status"; fi
     export WAVLM_RECIPE_CHECKED=1
 fi
+if [[ -e "$WAVLM_STOP_FILE" ]]; then preempted; fi  # asked after the check's last look: no worker starts
 
-# The workers tell this script through this file that they stopped for a preemption.
-export WAVLM_PREEMPT_MARKER="$(mktemp "${TMPDIR:-/tmp}/wavlm-preempted.XXXXXX")"
-rm -f "$WAVLM_PREEMPT_MARKER"
-trap 'rm -f "$WAVLM_PREEMPT_MARKER"' EXIT
-
-"$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc" \
+# torchrun leaves TERM to the workers (it handles INT, HUP and QUIT by stopping them):
+# its --signals-to-handle, read from the environment, so that an older torchrun without
+# the option still starts.
+export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+run_child "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc" \
     --max-restarts="$max_restarts" "${rendezvous[@]}" \
-    "$here/train.py" "${train_args[@]}" --distributed_backend="$backend" &
-torchrun=$!
-# A signal to this script goes to the workers only: torchrun stays up, and exits
-# cleanly once they have saved and stopped.
-forward() { pkill "-$1" -P "$torchrun" 2>/dev/null || true; }
-trap 'forward TERM' TERM
-trap 'forward USR1' USR1
-trap 'forward USR2' USR2
-trap 'kill -INT "$torchrun" 2>/dev/null || true' INT
-status=0
-while true; do
-    wait "$torchrun" && status=0 || status=$?
-    kill -0 "$torchrun" 2>/dev/null || break  # wait was only interrupted by a signal
-done
-if [[ -e "$WAVLM_PREEMPT_MARKER" ]]; then
-    echo "preempted: the workers saved a checkpoint and stopped; the same command resumes the run (exit $PREEMPTED)" >&2
-    if [[ -n "${SLURM_JOB_ID:-}" && "${SLURM_NODEID:-0}" -eq 0 ]] && command -v scontrol >/dev/null 2>&1; then
-        scontrol requeue "$SLURM_JOB_ID" && echo "requeued SLURM job $SLURM_JOB_ID" >&2 \
-            || echo "SLURM job $SLURM_JOB_ID could not be requeued (submit it with --requeue): rerun it yourself" >&2
-    fi
-    exit "$PREEMPTED"
-fi
+    "$here/train.py" ${train_args[@]+"${train_args[@]}"} --distributed_backend="$backend"
+# Preempted only when the workers finished cleanly after saying so: a group that failed
+# after a marker was written (and was not restarted into success) reports the failure.
+if [[ "$status" -eq 0 && -e "$WAVLM_PREEMPT_MARKER" ]]; then preempted; fi
 exit "$status"

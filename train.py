@@ -44,7 +44,9 @@ from wavlm_ddp.preflight import (
 from wavlm_ddp.decoding.ngram import build_lm
 from wavlm_ddp.data.tokenizer import load_tokenizer, train_tokenizer
 from wavlm_ddp.data.manifests import save_check
-from wavlm_ddp.faults.preemption import Preempted, PreemptionWatch, check_signal_names, exit_code_after_preemption
+from wavlm_ddp.faults.launcher_watch import LauncherWatch
+from wavlm_ddp.faults.preemption import (DEFAULT_SIGNALS, Preempted, PreemptionWatch, check_signal_names, clear_marker,
+                                         end_loader_workers, exit_code_after_preemption, stop_point)
 from wavlm_ddp.faults.run_lock import RUN_ID_ENV, FolderLock
 from wavlm_ddp.training.reporting import append_step_row, gather_eval_stats, global_sum, peak_memory_gib, report_epoch, report_test
 from wavlm_ddp.training.schedule import GlobalBatchSampler, check_schedule, describe_schedule, learning_rate
@@ -119,7 +121,9 @@ class ASR(RecipeBrain):
 
     def on_fit_start(self):
         if self.hparams.use_tensorboard and if_main_process():
-            self.tensorboard = sb.utils.train_logger.TensorboardLogger(self.hparams.tensorboard_folder)
+            from torch.utils.tensorboard import SummaryWriter  # optional package (preflight.py checks it)
+
+            self.tensorboard = SummaryWriter(self.hparams.tensorboard_folder)  # reporting.report_epoch writes
         self.nonfinite = NonFiniteGuard(self.nonfinite_patience)
         self.checkpointer.remove_interrupted_saves()
         super().on_fit_start()  # wraps DDP, builds optimizers, recovers the latest checkpoint
@@ -162,7 +166,7 @@ class ASR(RecipeBrain):
         interval = self.hparams.layerdrop_check_interval
         if should_step and interval > 0 and self.optimizer_step % interval == 0:
             unwrap(self.modules.wavlm).layer_drop.check_in_sync()
-        if should_step and if_main_process():
+        if should_step:  # every rank: the main process writes, a failed write stops them all
             step = self.optimizer_step - 1 if self.accumulated_step_applied else self.optimizer_step
             append_step_row(self.hparams.train_steps_file, step, self.hparams.epoch_counter.current,
                             self.optimizers_dict, step < self.freeze_steps, loss.detach())
@@ -196,14 +200,14 @@ class ASR(RecipeBrain):
         stats = {"loss": round(loss, 4), "CER": round(self.cer_metric.summarize("error_rate"), 2),
                  "WER": round(self.wer_metric.summarize("error_rate"), 2)}
         if stage == sb.Stage.TEST:
+            stop_point(self.preemption, "during the test evaluation: its results are not written")
             report_test(self, stats)
             return
         lrs = {f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in self.optimizers_dict.items()}
-        self.hparams.train_logger.log_stats(stats_meta={"epoch": epoch, **lrs}, train_stats=self.train_stats,
-                                            valid_stats=stats)
-        if if_main_process():
-            report_epoch(self, epoch, stats, lrs)
+        report_epoch(self, epoch, stats, lrs)  # every rank: the main process writes, a failed write stops them all
+        self.random_states.capture()  # every rank's, for the save (a collective)
         self.checkpointer.save_and_keep_only(meta={"WER": stats["WER"]}, min_keys=["WER"])
+        stop_point(self.preemption, f"during epoch {epoch}'s evaluation: checkpoint saved at its end")
 
 
 def load_hparams(hparams_file, overrides):
@@ -269,11 +273,16 @@ def decide_output_folder(hparams, hparams_file, overrides, flags, test_only, loc
         return
     with open(hparams_file) as f:
         new_config = resolve_references(f, overrides).getvalue()
+    # One launch overwrites once: launch_ddp.sh's check did it before the workers start,
+    # torchrun's restarts of the workers resume what this launch has trained, and a
+    # requeued SLURM job what it trained before it was preempted.
+    overwrite = flags["overwrite"] and not (os.environ.get(CHECKED_ENV) and not flags["check_only"]) \
+        and int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) == 0 \
+        and int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0
     decision = error = None
     if if_main_process():
         try:
-            decision = check_output_folder(hparams["output_folder"], new_config, flags["resume"],
-                                           flags["overwrite"])
+            decision = check_output_folder(hparams["output_folder"], new_config, flags["resume"], overwrite)
         except ConfigError as refused:
             error = str(refused)
     decision, error = ddp_broadcast((decision, error))
@@ -303,7 +312,6 @@ def check_run(hparams, hparams_file, run_opts, overrides, flags, world_size):
     check_find_unused_parameters(flags["find_unused_parameters"], world_size, hparams["layerdrop"],
                                  getattr(hparams["wavlm"], "keywords", {}).get("freeze", "cnn"))
     check_schedule(hparams)
-    check_signal_names(hparams["preempt_signals"])
     lock = hold_output_folder(hparams)
     try:
         return (lock, *_check_data_and_plan(hparams, hparams_file, run_opts, overrides, flags, world_size, lock))
@@ -317,7 +325,9 @@ def _check_data_and_plan(hparams, hparams_file, run_opts, overrides, flags, worl
     decide_output_folder(hparams, hparams_file, overrides, flags, run_opts.test_only, lock)
     if hparams.get("prepare_data"):  # null: your own manifests
         run_on_main(hparams["prepare_data"])
+    stop_point(hparams["preemption"], "during the data preparation: nothing to save yet")
     bad, digest, reused, check_line = validate_data(hparams)
+    stop_point(hparams["preemption"], "during the data check: nothing to save yet")
     check_decoding(search_settings(hparams["test_search"], hparams["decoding_file"]), hparams.get("lm_text"),
                    charset_of(hparams))
     datasets, filtered = read_datasets(hparams, bad)
@@ -339,9 +349,11 @@ def _check_data_and_plan(hparams, hparams_file, run_opts, overrides, flags, worl
     return datasets, plan, batches
 
 
-def main(argv):
+def main(argv, preemption):
+    """The run; `preemption` (PreemptionWatch) records a stop request from the start."""
     hparams_file, run_opts, overrides, flags = parse_args(argv)
     if not flags["check_only"]:
+        clear_marker()
         init_distributed(run_opts.distributed_backend, DDP_TIMEOUT_S)
     distributed = torch.distributed.is_initialized()
     if distributed:
@@ -349,6 +361,8 @@ def main(argv):
               f"({run_opts.distributed_backend})", flush=True)
     world_size = torch.distributed.get_world_size() if distributed else flags["world_size"] or 1
     hparams = load_hparams(hparams_file, overrides)
+    check_signal_names(hparams["preempt_signals"])
+    hparams["preemption"] = preemption.watch(hparams["preempt_signals"])
     if not flags["check_only"]:
         check_shared_folders(hparams["output_folder"], hparams["data_folder"],
                              [hf_spec(hparams, split) for split in SPLITS if hf_spec(hparams, split)])
@@ -358,8 +372,6 @@ def main(argv):
         if lock is not None and not os.environ.get(RUN_ID_ENV):  # launch_ddp.sh's workers keep the hold
             lock.release()
         return None
-    if lock is not None:
-        lock.start_heartbeat()
     try:
         return train(hparams, run_opts, flags, datasets, plan, batches, distributed, world_size)
     finally:
@@ -389,6 +401,7 @@ def train(hparams, run_opts, flags, datasets, plan, batches, distributed, world_
             lm_text = str(Path(hparams["save_folder"]) / "train_text.txt")
         run_on_main(build_lm, args=([lm_text], search["lm_path"], hparams["lm_order"]))
     datasets = dataio_prepare(hparams, tokenizer, None, datasets)
+    stop_point(hparams["preemption"], "while the tokenizer and the LM were made: nothing to save yet")
 
     wavlm = hparams["wavlm"]()
     run_opts = dataclasses.replace(
@@ -419,8 +432,9 @@ def train(hparams, run_opts, flags, datasets, plan, batches, distributed, world_
         batch_sampler=GlobalBatchSampler(batches, rank, world_size, plan.accumulation),
     )
     watchdog = Watchdog(hparams["hang_timeout_minutes"]).start() if hparams["hang_timeout_minutes"] > 0 else None
-    asr.preemption = PreemptionWatch(hparams["preempt_signals"]).start() if hparams["preempt_signals"] else None
+    asr.preemption = hparams["preemption"] if hparams["preempt_signals"] else None
     try:
+        stop_point(asr.preemption, "while the model was built: nothing to save yet")
         asr.fit(
             hparams["epoch_counter"],
             asr.train_loader,
@@ -440,8 +454,6 @@ def train(hparams, run_opts, flags, datasets, plan, batches, distributed, world_
     finally:
         if watchdog is not None:
             watchdog.stop()
-        if asr.preemption is not None:
-            asr.preemption.stop()
     return asr
 
 
@@ -449,11 +461,21 @@ def run(argv):
     """main(argv) as a command: 0 when it finished, 2 with one `error:` line on
     stderr when a check refused the run, preemption.PREEMPTED_EXIT_CODE after a
     preemption checkpoint (0 under torchrun: launch_ddp.sh turns it into that code)."""
+    preemption = PreemptionWatch(DEFAULT_SIGNALS).start()
+    launcher = LauncherWatch().start()
     try:
-        asr = main(argv)
+        asr = main(argv, preemption)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+    except Preempted as stopped:  # before training: nothing to save
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"preempted by {stopped}; run the same command again to start there", flush=True)
+        return exit_code_after_preemption()
+    finally:
+        end_loader_workers()
+        launcher.stop()
+        preemption.stop()
     if getattr(asr, "preempted", False):
         return exit_code_after_preemption()
     return 0

@@ -43,7 +43,7 @@ def tiny_config():
 # Modules that train through launch_ddp.sh first: `make test` spreads whole modules
 # over two pytest workers (pytest-xdist, --dist loadscope), and the long ones must
 # not be left for the end, when one worker would wait alone for them.
-LONG_MODULES = ["test_world_size.py", "test_last_mile.py", "test_restarts.py", "test_launch.py", "test_wrapper.py",
+LONG_MODULES = ["test_exact_resume.py", "test_world_size.py", "test_last_mile.py", "test_restarts.py", "test_launch.py", "test_wrapper.py",
                 "test_layerdrop_ddp.py", "test_large_recipe.py", "test_families.py"]
 
 

@@ -73,20 +73,30 @@ def train(model_dir, steps, batch_per_rank, layerdrop, mode, find_unused, seed=0
     return {"params": params, "history": history, "drop_counts": wavlm.layer_drop.counts}
 
 
-def stock_hf_with_layerdrop(model_dir, layerdrop, steps=3):
+def stock_hf_with_layerdrop(model_dir, layerdrop, spec_augment=True, steps=3):
     """HF's own LayerDrop under DDP without find_unused_parameters, outside the
-    recipe's checks: return the error message (or None if it trained)."""
-    model = WavLMModel.from_pretrained(model_dir, layerdrop=layerdrop, apply_spec_augment=False, **NO_DROPOUT)
+    recipe's checks. With `spec_augment`, time masks in every step (mask_time_min_masks)
+    give masked_spec_embed a gradient, so that the dropped layers are the only
+    parameters without one. {"error": DDP's message, or None if it trained;
+    "masked_spec_embed": per finished step, whether it got a gradient}."""
+    import numpy as np
+
+    model = WavLMModel.from_pretrained(model_dir, layerdrop=layerdrop, apply_spec_augment=spec_augment,
+                                       mask_time_prob=0.05, mask_time_min_masks=2, **NO_DROPOUT)
     model.train()
     net = DDP(model, find_unused_parameters=False)
+    used = []
     try:
         for step in range(steps):
-            torch.manual_seed(100 + step)  # same draws on every rank: nobody blocks
+            torch.manual_seed(100 + step)  # the same layer draws on every rank: nobody blocks
+            np.random.seed(100 + step)  # HF draws its time masks with numpy
             wav, _ = global_batch(step, 2)
+            model.masked_spec_embed.grad = None
             net(wav).last_hidden_state.pow(2).mean().backward()
+            used.append(model.masked_spec_embed.grad is not None and bool(model.masked_spec_embed.grad.any()))
     except RuntimeError as error:
-        return str(error)
-    return None
+        return {"error": str(error), "masked_spec_embed": used}
+    return {"error": None, "masked_spec_embed": used}
 
 
 def _entry(rank, world, init_file, out_dir, fn_name, kwargs):
@@ -156,6 +166,68 @@ def nonfinite_on_one_rank(patience):
     except ValueError as error:
         return {"decisions": decisions, "error": str(error)}
     return {"decisions": decisions, "error": None}
+
+
+def nonfinite_in_ddp_training(model_dir, base, accumulation, nan_at, micro_batches=6):
+    """The recipe's Brain (train.ASR: DDP-wrapped encoder and head, fit_batch with its
+    NonFiniteGuard) on each rank's own batches; rank 1's loss is NaN at its micro-batch
+    `nan_at` (1-based), so the NaN reaches every rank's gradients through DDP's
+    all-reduce. Returns the parameters at each optimizer-step boundary (the first:
+    before training) and the Brain's counts."""
+    import functools
+
+    import speechbrain as sb
+
+    from train import ASR
+    from wavlm_ddp.faults.checkpoints import SafeCheckpointer
+    from wavlm_ddp.training.schedule import TrainingPlan
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    wavlm = SpeechEncoder(model_dir, freeze="cnn", **NO_DROPOUT)
+    head = sb.nnet.linear.Linear(input_size=wavlm.output_size, n_neurons=VOCAB)
+    schedule = {"peak": 0.05, "warmup": 0.0, "hold": 1.0, "final_ratio": 1.0, "decay": "cosine"}  # constant lr
+    hparams = {
+        "freeze_encoder": 0.0, "train_steps_file": Path(base) / "steps.csv", "blank_index": 0,
+        "log_softmax": sb.nnet.activations.Softmax(apply_log=True), "lr": {"wavlm": schedule, "head": schedule},
+        "layerdrop_check_interval": 0, "sample_rate": 16000, "fused_optimizer": False, "use_tensorboard": False,
+        "wavlm_opt_class": functools.partial(torch.optim.SGD, lr=schedule["peak"]),
+        "head_opt_class": functools.partial(torch.optim.SGD, lr=schedule["peak"]),
+        "epoch_counter": sb.utils.epoch_loop.EpochCounter(1), "preempt_signals": [],
+    }
+    asr = ASR(modules={"wavlm": wavlm, "ctc_head": head}, hparams=hparams,
+              run_opts={"device": "cpu", "max_grad_norm": 5.0, "nonfinite_patience": 3,
+                        "grad_accumulation_factor": accumulation, "find_unused_parameters": False,
+                        "distributed_backend": "gloo"},
+              checkpointer=SafeCheckpointer(Path(base) / "save"))
+    asr.plan = TrainingPlan(world_size=2, accumulation=accumulation, per_rank_seconds=1.0, global_seconds=1.0,
+                            steps_per_epoch=[micro_batches // accumulation], mean_step_seconds=1.0)
+    asr.on_fit_start()
+    asr.on_stage_start(sb.Stage.TRAIN, epoch=1)
+    objectives = asr.compute_objectives
+
+    def poisoned(*args):  # rank 1's loss at micro-batch nan_at: NaN inside the graph, before backward
+        loss = objectives(*args)
+        return loss * float("nan") if rank == 1 and asr.step == nan_at else loss
+
+    asr.compute_objectives = poisoned
+
+    def snapshot():  # named as in the unwrapped modules
+        return {f"{key}.{n}": p.detach().clone() for key, module in asr.modules.items()
+                for n, p in getattr(module, "module", module).named_parameters()}
+
+    boundaries = [snapshot()]
+    for micro_batch in range(1, micro_batches + 1):
+        gen = torch.Generator().manual_seed(100 * rank + micro_batch)  # each rank its own data
+        batch = sb.dataio.batch.PaddedBatch([{"id": f"r{rank}u{i}", "sig": torch.randn(SAMPLES, generator=gen),
+                                              "wrd": "A B", "tokens": torch.randint(1, VOCAB, (4,), generator=gen)}
+                                             for i in range(2)])
+        asr.step = micro_batch
+        asr.fit_batch(batch)
+        if micro_batch % accumulation == 0:
+            boundaries.append(snapshot())
+    return {"boundaries": boundaries, "optimizer_step": asr.optimizer_step, "skipped": asr.nonfinite.skipped_total,
+            "ddp": isinstance(asr.modules.wavlm, DDP) and isinstance(asr.modules.ctc_head, DDP)}
 
 
 def sync_check():

@@ -115,3 +115,41 @@ def wait_for(condition, process, log_path, timeout=600, poll=0.1):
     while not condition():
         assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
         time.sleep(poll)
+
+
+def process_tree(root):
+    """The pids of `root` and of every process below it (by parent pid: also those
+    that started sessions of their own, as torchrun's workers do)."""
+    from pathlib import Path
+
+    children = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(parent, []).append(int(proc.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def signal_every_process(root, sig):
+    """Send `sig` to every process of a launch at once, as SLURM signals every process
+    of a job step (the launcher, torchrun, the workers, their DataLoader workers).
+    Returns the pids signalled."""
+    import os
+
+    tree = process_tree(root)
+    for pid in tree:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    return tree

@@ -105,6 +105,9 @@ def test_a_second_run_with_another_configuration_in_the_same_folder_is_refused(t
     code, _, err = check(f"--output_folder={out}", "--layerdrop=0.3", "--overwrite=True", "--check_only")
     assert code == 0, err[-3000:]
     assert "layerdrop: 0.3" in (out / "hyperparams.yaml").read_text()
+    (out / "save" / "trained-before.txt").write_text("a file of the earlier run")
+    code, _, err = check(f"--output_folder={out}", "--layerdrop=0.3", "--overwrite=True", "--check_only")
+    assert code == 0 and not (out / "save" / "trained-before.txt").exists(), err[-3000:]  # the same config: overwritten
 
 
 def test_max_duration_leaves_longer_training_utterances_out_with_one_line_and_the_run_proceeds(tmp_path, check):

@@ -1,7 +1,7 @@
 """WavLM's family and cousins through the same wrapper: wav2vec 2.0 (large- and
 base-like), HuBERT, data2vec-audio and a base-like WavLM, each a tiny model saved
 with save_pretrained. Outputs and gradients equal HF's model run on each utterance
-alone (so a group-norm CNN no longer depends on the padding of its batch), synced
+alone (a group-norm CNN's output does not depend on the padding of its batch), synced
 LayerDrop under DDP, and the unused masked_spec_embed."""
 
 import pytest

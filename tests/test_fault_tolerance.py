@@ -5,7 +5,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -262,17 +261,25 @@ def test_nonfinite_steps_are_skipped_then_stop_after_patience(caplog):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def two_ranks(tmp_path_factory, tiny_wavlm_dir):
     """The scenarios of this module that need two ranks, in one 2-rank spawn
     (ddp_worker.scenarios): (their base folder, {name: each rank's result})."""
     base = tmp_path_factory.mktemp("two_ranks")
-    for name in ("own_folders", "damaged", "disk_full"):
+    for name in ("own_folders", "damaged", "disk_full", "nan_in_backward", "nan_accumulated"):
         (base / name).mkdir()
     (base / "shared" / "node0" / "shards").mkdir(parents=True)
     (base / "shared" / "node0" / "shards" / "train-00000.parquet").write_bytes(b"PAR1")
     (base / "shared" / "node1").mkdir()
     return base, spawn_scenarios({
         "nonfinite": ("nonfinite_on_one_rank", dict(patience=2)),
+        # Rank 1's loss NaN at micro-batch 2 of 3 (one per step), and at micro-batch 3 of 6 (two per
+        # step: the first of step 2, whose gradients DDP all-reduces only with micro-batch 4).
+        "nan_in_backward": ("nonfinite_in_ddp_training", dict(
+            model_dir=str(tiny_wavlm_dir), base=str(base / "nan_in_backward"), accumulation=1, nan_at=2,
+            micro_batches=3)),
+        "nan_accumulated": ("nonfinite_in_ddp_training", dict(
+            model_dir=str(tiny_wavlm_dir), base=str(base / "nan_accumulated"), accumulation=2, nan_at=3,
+            micro_batches=6)),
         "checkpoints_seen_differently": ("checkpoints_seen_differently", dict(base=str(base / "own_folders"))),
         "damaged": ("damaged_checkpoints", dict(base=str(base / "damaged"))),
         "disk_full": ("disk_full_on_the_main_process", dict(base=str(base / "disk_full"))),
@@ -285,6 +292,27 @@ def test_a_nonfinite_loss_on_one_rank_makes_every_rank_skip(two_ranks):
     for result in ranks:
         assert result["decisions"] == [True, False, False]
         assert "nonfinite_patience=2" in result["error"]
+
+
+@pytest.mark.parametrize("scenario", ["nan_in_backward", "nan_accumulated"])
+def test_a_nan_loss_on_one_rank_inside_ddps_backward_skips_the_whole_step_on_every_rank(two_ranks, scenario):
+    """The recipe's fit_batch under DDP (train.ASR, 2 gloo ranks, each its own batches):
+    rank 1's NaN loss goes through backward, and DDP's all-reduce puts NaN into every
+    rank's gradients; every rank must then drop the step, also when the NaN came in
+    an earlier micro-batch of an accumulated step. Optimizer steps 1 and 3 train;
+    step 2 leaves every parameter exactly as it was, on both ranks."""
+    ranks = results_of(two_ranks[1], scenario)
+    for result in ranks:
+        assert result["ddp"] and result["optimizer_step"] == 2 and result["skipped"] == 1
+        before, after_nan = result["boundaries"][1], result["boundaries"][2]
+        assert all(torch.equal(before[name], after_nan[name]) for name in before)
+        for start, end in ((0, 1), (2, 3)):  # the steps around it trained
+            first, last = result["boundaries"][start], result["boundaries"][end]
+            assert not torch.equal(first["ctc_head.w.weight"], last["ctc_head.w.weight"])
+            assert any(not torch.equal(first[n], last[n]) for n in first if n.startswith("wavlm."))
+        assert all(torch.isfinite(value).all() for state in result["boundaries"] for value in state.values())
+    for state0, state1 in zip(ranks[0]["boundaries"], ranks[1]["boundaries"]):
+        assert all(torch.equal(state0[name], state1[name]) for name in state0)
 
 
 @pytest.fixture
@@ -335,6 +363,7 @@ def test_an_output_folder_of_another_configuration_is_refused_unless_asked(tmp_p
         check_output_folder(tmp_path, other, False, False)
     assert check_output_folder(tmp_path, other, True, False) == "resume"
     assert check_output_folder(tmp_path, other, False, True) == "overwrite"
+    assert check_output_folder(tmp_path, "seed: 1\nlayerdrop: 0.1\nlr: 0.5\n", False, True) == "overwrite"  # asked
 
 
 def test_ranks_that_list_different_checkpoints_keep_delete_and_recover_alike(two_ranks):
@@ -356,10 +385,8 @@ def test_the_watchdog_prints_the_rank_and_every_thread_then_exits_for_a_restart(
         threading.Thread(target=time.sleep, args=(60,), name="loader", daemon=True).start()
         time.sleep(60)  # a hang
     """)
-    start = time.monotonic()
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 3
-    assert time.monotonic() - start < 30
+    assert result.returncode == 3  # the watchdog's exit: the hang alone would end in the timeout
     first = result.stderr.splitlines()[0]
     assert first.startswith("watchdog: rank 0 on ") and "last progress: training step 7" in first
     assert "hang_timeout_minutes=0.02" in first
@@ -367,18 +394,70 @@ def test_the_watchdog_prints_the_rank_and_every_thread_then_exits_for_a_restart(
     assert "loader" in result.stderr or result.stderr.count("File ") >= 3
 
 
-def test_a_watchdog_that_sees_progress_stays_quiet(tmp_path):
-    code = textwrap.dedent("""
-        import time
-        from wavlm_ddp.faults.guards import Watchdog, progress
-        watchdog = Watchdog(timeout_minutes=0.02).start()
-        for step in range(30):
-            progress(f"training step {step}")
-            time.sleep(0.1)
-        watchdog.stop()
-    """)
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "watchdog" not in result.stderr
+class FakeClock:
+    """time.monotonic for guards.Watchdog, and its stop event: each wait advances the
+    clock by the time waited, then calls `on_wait(watchdog, now)`; `exit` records os._exit."""
+
+    class Exited(Exception):
+        pass
+
+    def __init__(self, on_wait=lambda watchdog, now: None):
+        self.now, self.on_wait, self.exits, self.watchdog = 0.0, on_wait, [], None
+
+    def monotonic(self):
+        return self.now
+
+    def wait(self, seconds):
+        self.now += seconds
+        self.on_wait(self.watchdog, self.now)
+        return False  # never stopped
+
+    def exit(self, code):
+        self.exits.append((self.now, code))
+        raise self.Exited
+
+
+def watch_with(clock, monkeypatch, timeout_minutes):
+    """Run Watchdog._watch on `clock` (last progress at 0 s) until it exits: (its
+    stderr, clock.exits)."""
+    import io
+
+    from wavlm_ddp.faults import guards
+
+    monkeypatch.setattr(guards.time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(guards.os, "_exit", clock.exit)
+    monkeypatch.setattr(guards.faulthandler, "dump_traceback", lambda **kwargs: None)
+    stderr = io.StringIO()
+    monkeypatch.setattr(guards.sys, "stderr", stderr)
+    watchdog = clock.watchdog = guards.Watchdog(timeout_minutes)
+    watchdog._stop = clock
+    watchdog.progress("training step 0")
+    try:
+        watchdog._watch()
+    except FakeClock.Exited:
+        pass
+    return stderr.getvalue(), clock.exits
+
+
+def test_the_watchdog_fires_at_its_first_check_after_the_timeout_and_not_before(monkeypatch):
+    """1 minute without progress, checked every 10 s (min(10 s, a quarter of the
+    timeout)): the check at 60 s sees exactly the timeout and waits, the one at 70 s
+    exits with status 3."""
+    stderr, exits = watch_with(FakeClock(), monkeypatch, timeout_minutes=1.0)
+    assert exits == [(70.0, 3)]
+    assert stderr.startswith("watchdog: rank 0 on ") and "made no progress for 1.2 min (hang_timeout_minutes=1; " \
+        "last progress: training step 0)" in stderr
+
+
+def test_a_watchdog_that_sees_progress_stays_quiet(monkeypatch):
+    """Progress every 50 s for half an hour with a 1-minute timeout: no exit; the
+    first check more than a minute after the last progress ends the rank."""
+    def steps(watchdog, now):
+        if now % 50 == 0 and now <= 1800:
+            watchdog.progress(f"training step {int(now)}")
+
+    stderr, exits = watch_with(FakeClock(steps), monkeypatch, timeout_minutes=1.0)
+    assert exits == [(1870.0, 3)] and "last progress: training step 1800)" in stderr
 
 
 @pytest.fixture(scope="module")

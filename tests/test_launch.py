@@ -32,8 +32,8 @@ def assert_trained(result, out):
 
 
 def test_demo_trains_on_two_gloo_processes_with_layerdrop_and_writes_a_wer_file(tmp_path):
-    """Also the hang of issue 13: in debug mode every rank had its own checkpoint folder,
-    and from epoch 3 on rank 0 deleted checkpoints that rank 1 did not see."""
+    """Three debug epochs: with a checkpoint folder per rank (SpeechBrain's debug mode),
+    rank 0 deletes from epoch 3 on checkpoints that rank 1 does not see, and the ranks hang."""
     result, out = launch(tmp_path, "--layerdrop=0.5", "--debug_epochs=3", "--debug_batches=2")
     log = assert_trained(result, out)
     assert "epoch 3: train loss" in log

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from wavlm_ddp.encoder.loading import make_local_checkpoint
 from helpers import demo_slice, free_port, hf_copies, wait_for, worker_pid
@@ -116,23 +117,41 @@ def test_the_workers_reuse_the_manifest_check_of_launch_ddp_sh(reference_runs):
         assert (out / "save" / "manifest_check.json").exists()
 
 
-def test_sharded_evaluation_on_two_ranks_gives_the_single_process_wer(reference_runs, tmp_path):
-    """The 2-rank run evaluated the test set in two shards; one process evaluates the
-    same checkpoint (--test_only, a copy of the run folder) to the same WER line and IDs."""
+def alignments(wer_file):
+    """(the summary line, the per-utterance blocks sorted) of a wer_test.txt."""
+    text = wer_file.read_text()
+    blocks = [block.strip() for block in text.split("=" * 80) if block.strip().startswith("test-")]
+    return text.splitlines()[0], sorted(blocks)
+
+
+def test_sharded_evaluation_on_two_ranks_gives_the_single_process_wer(reference_runs, corpus):
+    """The 2-rank run's checkpoint, given a head that emits text (test_last_mile.emit_text:
+    the run's own transcripts are empty), evaluated on the test set by 2 ranks, each
+    its shard, and by one process (--test_only, each in a copy of the run folder): the
+    same WER line and, utterance by utterance, the same hypotheses."""
+    from test_last_mile import emit_text
+
     two_out = reference_runs[2][1]
-    copy = tmp_path / "copy"
-    shutil.copytree(two_out, copy)
-    folder = two_out.parent
-    manifests = [f"--{split}_csv={folder / f'{split}.csv'}" for split in ROWS]
-    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *manifests, "--number_of_epochs=2",
-                          "--freeze_encoder=0.2", "--noprogressbar", f"--output_folder={copy}",
-                          f"--wavlm_source={folder / 'wavlm-small'}", "--test_only", "--resume=True"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, (one.stdout + one.stderr)[-3000:]
-    sharded, single = (two_out / "wer_test.txt").read_text(), (copy / "wer_test.txt").read_text()
-    assert sharded.splitlines()[0] == single.splitlines()[0]  # %WER x [ edits / words, ins, del, sub ]
-    ids = lambda text: sorted(line.split(",")[0] for line in text.splitlines() if line.startswith("test-"))
-    assert ids(sharded) == ids(single) and len(ids(single)) == ROWS["test"]
+    folder, manifests = corpus
+    evaluated = {}
+    for nproc in (2, 1):
+        copy = folder / f"sharded-copy{nproc}"
+        shutil.copytree(two_out, copy, ignore=shutil.ignore_patterns(".run-lock*"))
+        emit_text(copy)
+        if nproc == 2:
+            process, _, log_path = start(corpus, 2, copy.name, "--freeze_encoder=0.2", "--test_only", "--resume=True")
+            finish(process, log_path)
+        else:
+            one = subprocess.run([sys.executable, str(ROOT / "train.py"), *manifests, "--number_of_epochs=2",
+                                  "--freeze_encoder=0.2", "--noprogressbar", f"--output_folder={copy}",
+                                  f"--wavlm_source={folder / 'wavlm-small'}", "--test_only", "--resume=True"],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
+            assert one.returncode == 0, (one.stdout + one.stderr)[-3000:]
+        evaluated[nproc] = alignments(copy / "wer_test.txt")
+    assert evaluated[2] == evaluated[1]  # %WER x [ edits / words, ins, del, sub ], then each utterance's
+    summary, blocks = evaluated[1]
+    assert len(blocks) == ROWS["test"]
+    assert re.search(r" (\d+) sub \]", summary).group(1) != "0", summary  # the hypotheses hold words
 
 
 def test_a_save_to_disk_dataset_without_durations_is_measured_once_and_kept(reference_runs):
@@ -141,17 +160,30 @@ def test_a_save_to_disk_dataset_without_durations_is_measured_once_and_kept(refe
     assert sorted(p.name.split(".")[1] for p in durations) == ["test", "train", "valid"]
 
 
-def test_transcribe_and_tune_decoding_read_a_parquet_split_like_its_manifest(preempted_run, corpus):
+def test_transcribe_and_tune_decoding_read_a_parquet_split_like_its_manifest(preempted_run, corpus, monkeypatch):
     from wavlm_ddp import tune_decoding
-    from wavlm_ddp.inference import TrainedModel
+    from wavlm_ddp.inference import TrainedModel, Transcriber
     from wavlm_ddp.transcribe import main as transcribe
 
     _, out = preempted_run  # trained from the parquet shards
     folder, _ = corpus
     parquet = folder / "parquet"
+    # The model's transcripts are empty (a few steps of training): what is compared is
+    # what the decoder gets, each utterance's log-probabilities.
+    decoded, decode = [], Transcriber.decode
+
+    def recorded(self, log_probs, wav_lens):  # the decoder's input, then the decoding
+        decoded.append(log_probs[0].clone())
+        return decode(self, log_probs, wav_lens)
+
+    monkeypatch.setattr(Transcriber, "decode", recorded)
     from_hf, failed = transcribe([str(out), "--data", str(parquet / "test")])
     from_csv, _ = transcribe([str(out), "--csv", str(folder / "test.csv"), "--data_root", str(DEMO)])
     assert not failed and dict(from_hf) == dict(from_csv) and len(from_hf) == ROWS["test"]
+    hf_log_probs, csv_log_probs = dict(zip(dict(from_hf), decoded)), dict(zip(dict(from_csv), decoded[len(from_hf):]))
+    assert len(decoded) == 2 * ROWS["test"] and hf_log_probs.keys() == csv_log_probs.keys()
+    for key, log_probs in hf_log_probs.items():
+        torch.testing.assert_close(log_probs, csv_log_probs[key], msg=key)
     model = TrainedModel(out)
     hf_valid = tune_decoding.valid_set(model.hparams)
     csv_valid = tune_decoding.valid_set({**model.hparams, "valid_data": None, "valid_csv": str(folder / "valid.csv"),

@@ -245,12 +245,12 @@ def check_output_folder(output_folder, new_config, resume, overwrite):
     saved = Path(output_folder) / "hyperparams.yaml"
     if not saved.exists():
         return "new"
+    if overwrite:  # asked: also with the same configuration, which would otherwise resume
+        return "overwrite"
     old_lines = saved_config_text(saved).splitlines()
     new_lines = new_config.splitlines()
     if old_lines == new_lines:
         return "same"
-    if overwrite:
-        return "overwrite"
     if resume:
         return "resume"
     changed = sorted({line[2:].split(":")[0].strip() for line in difflib.ndiff(old_lines, new_lines)

@@ -9,7 +9,8 @@ import speechbrain as sb
 import torch
 import yaml
 
-from wavlm_ddp.faults.preemption import Preempted
+from wavlm_ddp.faults.preemption import Preempted, ignore_in_loader_workers
+from wavlm_ddp.training.random_states import RandomStates
 from wavlm_ddp.training.schedule import GlobalBatchSampler, resumed_batch
 
 
@@ -32,9 +33,11 @@ class ShardSampler(torch.utils.data.Sampler):
 class RecipeBrain(sb.Brain):
     """sb.Brain with: the batching a checkpoint was saved with (so that a run resumes
     mid-epoch on another world size), checkpoints only at optimizer-step boundaries,
-    the recipe's global batch sampler, a step that skips non-finite losses on every
-    rank at once (and agrees on a preemption), a preemption checkpoint at the next
-    step boundary, and sharded evaluation. Needs `plan` (schedule.TrainingPlan) and
+    each rank's random states in every checkpoint (random_states.py; the recipe calls
+    `random_states.capture()` before each save of its own), the recipe's global batch
+    sampler, a step that skips non-finite losses on every rank at once (and agrees on
+    a preemption), a preemption checkpoint at the next step boundary, and sharded
+    evaluation. Needs `plan` (schedule.TrainingPlan) and
     `nonfinite` (faults.guards.NonFiniteGuard) set before fit()."""
 
     plan = None
@@ -42,6 +45,18 @@ class RecipeBrain(sb.Brain):
     preemption = None  # preemption.PreemptionWatch, when preempt_signals is set
     stop_agreed = False  # some rank was asked to stop: save at the next step boundary, then stop
     accumulated_finite = True  # every micro-batch of the optimizer step so far had a finite loss on every rank
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.random_states = RandomStates()
+        if self.checkpointer is not None:  # optional: checkpoints saved without it still load
+            self.checkpointer.add_recoverable("random_states", self.random_states, optional_load=True)
+
+    # Brain.on_fit_start: the random states of the recovered checkpoint (if any) are set
+    # right after it is loaded; nothing draws from them before the next training step.
+    def on_fit_start(self):
+        super().on_fit_start()
+        self.random_states.restore()
 
     # Brain._save / _recover: SpeechBrain's own YAML (step, optimizer_step, ...) plus the plan.
     @sb.utils.checkpoints.mark_as_saver
@@ -81,6 +96,7 @@ class RecipeBrain(sb.Brain):
     # Brain._save_intra_epoch_ckpt: after the preemption checkpoint, stop (train.main
     # exits with preemption.exit_code_after_preemption).
     def _save_intra_epoch_ckpt(self):
+        self.random_states.capture()
         super()._save_intra_epoch_ckpt()
         if self.stop_agreed:
             raise Preempted(f"{self.preemption.received or 'a signal on another rank'}: checkpoint saved after "
@@ -120,7 +136,14 @@ class RecipeBrain(sb.Brain):
         return loss.detach().cpu() if torch.isfinite(loss) else torch.tensor(0.0)
 
     # Brain.make_dataloader: under DDP each rank evaluates its own shard of valid / test.
+    # Loader processes leave stop signals to their rank (preemption.ignore_in_loader_workers).
+    # Each loader draws its workers' seeds from a generator of its own: torch draws them
+    # from the global generator whenever a loader starts an iteration (each epoch, each
+    # validation), which would move the random states between two training steps.
     def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
+        loader_kwargs.setdefault("generator", torch.Generator())
+        if loader_kwargs.get("num_workers", 0) > 0 and "worker_init_fn" not in loader_kwargs:
+            loader_kwargs["worker_init_fn"] = ignore_in_loader_workers(self.hparams.preempt_signals)
         if stage != sb.Stage.TRAIN and torch.distributed.is_initialized():
             loader_kwargs = {**loader_kwargs, "shuffle": False, "sampler": ShardSampler(
                 len(dataset), torch.distributed.get_rank(), torch.distributed.get_world_size())}

@@ -1,7 +1,9 @@
 """Per-epoch history of a run, and its plot (main process only).
 
 The history lives in `<output_folder>/history.json`, one record per epoch, so a
-resumed run keeps the curves of the epochs before the restart.
+resumed run keeps the curves of the epochs before the restart. Both files are
+written beside and renamed over the old ones: a write that fails leaves them as
+they were.
 """
 
 import json
@@ -11,12 +13,19 @@ from pathlib import Path
 def append_history(path, record):
     """Add (or replace, when an epoch is repeated after a restart) one epoch's record."""
     path = Path(path)
-    history = json.loads(path.read_text()) if path.exists() else []
+    try:
+        history = json.loads(path.read_text()) if path.exists() else []
+    except ValueError:  # emptied or cut by a crash: kept aside, and the history starts again from here
+        path.replace(path.with_suffix(".json.unreadable"))
+        history = []
     history = [r for r in history if r["epoch"] != record["epoch"]] + [record]
     history.sort(key=lambda r: r["epoch"])
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(history, indent=1))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(history, indent=1))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # what a failed write (a full disk) left; the history stays as it was
     return history
 
 
@@ -43,5 +52,8 @@ def plot_history(history, png_path):
     lr_ax.legend()
     fig.tight_layout()
     tmp = Path(png_path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(png_path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(png_path)
+    finally:
+        tmp.unlink(missing_ok=True)  # what a failed write (a full disk) left; the plot stays as it was

@@ -1,15 +1,89 @@
-"""What a run reports: the epoch line (with the history, its plot and TensorBoard),
-the test line(s) and wer_test.txt, one train_steps.csv row per optimizer step, and
-the statistics gathered from every rank that these need."""
+"""What a run reports: the epoch line (with train_log, the history, its plot and
+TensorBoard), the test line(s) and wer_test.txt, one train_steps.csv row per
+optimizer step, and the statistics gathered from every rank that these need.
+
+The main process writes every file, and every rank calls each report: a write
+that fails there (a full disk) becomes the same one-line error on every rank,
+through one broadcast that every rank reaches (on_main_process), instead of a
+traceback on the main process while the others wait in their next collective.
+"""
 
 import csv
+import errno
+import os
 import resource
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from speechbrain.utils.distributed import if_main_process
+from speechbrain.utils.distributed import main_process_only
 
+from wavlm_ddp.preflight import ConfigError
 from wavlm_ddp.training.curves import append_history, plot_history
+
+
+class WriteFailed(Exception):
+    """A file write of the main process failed; the message is the line every rank raises."""
+
+
+@contextmanager
+def writing(path):
+    """Turn an OSError of the writes inside (ENOSPC, a quota, an I/O error) into
+    WriteFailed, naming `path` and the fix for that error."""
+    try:
+        yield
+    except OSError as error:
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        fix = "free space" if full else "make it writable"
+        raise WriteFailed(
+            f"could not write {path} ({error.strerror or error}); the checkpoints saved so far are intact: {fix} "
+            "(or set another --output_folder), then rerun the same command to resume from the last checkpoint"
+        ) from error
+
+
+@contextmanager
+def appending(path):
+    """`writing(path)` for a file that grows by appends: what a failed append wrote is
+    cut off again (part of a line would merge with the line that the rerun appends)."""
+    path = Path(path)
+    with writing(path):
+        size = path.stat().st_size if path.exists() else 0
+        try:
+            yield
+        except OSError:
+            _cut_back(path, size)
+            raise
+
+
+def on_main_process(write):
+    """Run `write()` on the main process only; a WriteFailed there is raised on every
+    rank as the same ConfigError. Every rank must call it: the outcome goes to every
+    rank in one broadcast (SpeechBrain's main_process_only, which also keeps the
+    loggers that `write` calls from broadcasting on the main process alone). Any
+    other exception of `write` still reaches that broadcast: the main process raises
+    it with its traceback, the other ranks a RuntimeError that names it."""
+    raised = None
+
+    def attempt():
+        nonlocal raised
+        try:
+            write()
+        except WriteFailed as failed:
+            return "refused", str(failed)
+        except Exception as error:  # noqa: BLE001 - raised below, after the broadcast
+            raised = error
+            return "raised", f"{type(error).__name__}: {error}"
+        return None
+
+    outcome = main_process_only(attempt)()
+    if outcome is None:
+        return
+    kind, text = outcome
+    if kind == "refused":
+        raise ConfigError(text)
+    if raised is not None:
+        raise raised
+    raise RuntimeError(f"the main process failed while writing the reports: {text}")
 
 
 def global_sum(value):
@@ -45,37 +119,73 @@ def gather_eval_stats(metrics, loss_sum, count):
 
 def append_step_row(path, step, epoch, optimizers, encoder_frozen, loss):
     """One row of `train_steps_file`: the step the schedules used, its learning
-    rates, whether the encoder trained, rank 0's loss (the header first)."""
+    rates, whether the encoder trained, rank 0's loss (the header first). Every
+    rank calls it, the main process writes (one broadcast of a few bytes a step)."""
     path = Path(path)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(["step", "epoch", *(f"lr_{n}" for n in optimizers), "encoder_frozen", "loss_rank0"])
-        writer.writerow([step, epoch, *(f"{o.param_groups[0]['lr']:.6e}" for o in optimizers.values()),
-                         int(encoder_frozen), f"{float(loss):.4f}"])
+
+    def write():
+        with appending(path):
+            new = not path.exists() or path.stat().st_size == 0  # an empty file: a first row that failed
+            with open(path, "a", newline="") as f:
+                writer = csv.writer(f)
+                if new:
+                    writer.writerow(["step", "epoch", *(f"lr_{n}" for n in optimizers), "encoder_frozen",
+                                     "loss_rank0"])
+                writer.writerow([step, epoch, *(f"{o.param_groups[0]['lr']:.6e}" for o in optimizers.values()),
+                                 int(encoder_frozen), f"{float(loss):.4f}"])
+
+    on_main_process(write)
+
+
+def _cut_back(path, size):
+    """Truncate `path` to `size` bytes where it is a regular file, as far as possible."""
+    try:
+        if path.is_file():
+            os.truncate(path, size)
+    except OSError:
+        pass
 
 
 def report_epoch(brain, epoch, stats, lrs):
-    """The epoch line, the history and its plot, and TensorBoard (main process)."""
+    """The epoch line, train_log, the history and its plot, and TensorBoard. Every
+    rank calls it, the main process writes (on_main_process)."""
     train = brain.train_stats
+    hparams = brain.hparams
     lr_text = ", ".join(f"{name[3:]} {lr:.1e}" for name, lr in lrs.items())
-    print(f"epoch {epoch}: train loss {train['loss']}, valid loss {stats['loss']}, valid CER "
-          f"{stats['CER']} %, WER {stats['WER']} %, lr {lr_text}, {train['audio_s_per_s']} audio-s/s, "
-          f"peak mem {train['peak_mem_GiB']} GiB (optimizer step {brain.optimizer_step})", flush=True)
     record = {"epoch": epoch, "train_loss": train["loss"], **{f"valid_{k}": v for k, v in stats.items()},
               **lrs, "audio_s_per_s": train["audio_s_per_s"], "peak_mem_GiB": train["peak_mem_GiB"]}
-    output = Path(brain.hparams.output_folder)
-    history = append_history(output / "history.json", record)
-    plot_history(history, output / "training_curves.png")
-    if brain.hparams.use_tensorboard:
-        brain.tensorboard.log_stats({"epoch": epoch, **lrs}, train_stats=train, valid_stats=stats)
+    output = Path(hparams.output_folder)
+
+    def write():
+        print(f"epoch {epoch}: train loss {train['loss']}, valid loss {stats['loss']}, valid CER "
+              f"{stats['CER']} %, WER {stats['WER']} %, lr {lr_text}, {train['audio_s_per_s']} audio-s/s, "
+              f"peak mem {train['peak_mem_GiB']} GiB (optimizer step {brain.optimizer_step})", flush=True)
+        with appending(hparams.train_logger.save_file):
+            hparams.train_logger.log_stats(stats_meta={"epoch": epoch, **lrs}, train_stats=train,
+                                           valid_stats=stats)
+        with writing(output / "history.json"):
+            history = append_history(output / "history.json", record)
+        with writing(output / "training_curves.png"):
+            plot_history(history, output / "training_curves.png")
+        if hparams.use_tensorboard:
+            with writing(hparams.tensorboard_folder):
+                # SummaryWriter itself, with the epoch as the step: SpeechBrain's TensorboardLogger counts
+                # from 1 in each process, so a resumed run would log its epochs over the first ones.
+                for group, values in (("train", train), ("valid", stats)):
+                    for name, value in values.items():
+                        brain.tensorboard.add_scalar(f"{name}/{group}", value, epoch)
+                for name, lr in lrs.items():
+                    brain.tensorboard.add_scalar(name, lr, epoch)
+                brain.tensorboard.flush()  # the event writer's thread raises its write errors here
+
+    on_main_process(write)
 
 
 def report_test(brain, stats):
     """The test line(s): greedy, and the test_search decoding when it is a beam
     search, with its decoding time; wer_test.txt holds the best decoding's details.
-    Every rank calls it (the decoding time is summed over ranks)."""
+    Every rank calls it (the decoding time is summed over ranks); the main process
+    writes (on_main_process)."""
     details = brain.wer_metric
     line = f"test WER {stats['WER']} %, CER {stats['CER']} %, greedy"
     if brain.searching:
@@ -90,11 +200,16 @@ def report_test(brain, stats):
                  f"{decoder.word_score:g}): decoding {decode_seconds:.2f} s for {audio:.0f} s of "
                  f"audio (real-time factor {decode_seconds / max(audio, 1e-9):.4f})")
         details = brain.search_wer
-    brain.hparams.train_logger.log_stats(
-        stats_meta={"Epoch loaded": brain.hparams.epoch_counter.current}, test_stats=stats
-    )
-    if if_main_process():
-        with open(brain.hparams.test_wer_file, "w") as w:
-            details.write_stats(w)
+
+    def write():
+        with appending(brain.hparams.train_logger.save_file):
+            brain.hparams.train_logger.log_stats(
+                stats_meta={"Epoch loaded": brain.hparams.epoch_counter.current}, test_stats=stats
+            )
+        with writing(brain.hparams.test_wer_file):
+            with open(brain.hparams.test_wer_file, "w") as w:
+                details.write_stats(w)
         print(f"{line}\ndetails in {brain.hparams.test_wer_file}", flush=True)
+
+    on_main_process(write)
     brain.test_stats = stats

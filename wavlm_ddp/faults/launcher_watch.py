@@ -1,0 +1,57 @@
+"""Workers end with their launcher.
+
+torchrun starts each worker in a session of its own, so a worker outlives a launcher
+or a torchrun that was killed (SIGKILL, the OOM killer, a lost shell): it trains on,
+saves checkpoints into a folder that no run holds any more, and a second launch on
+that folder writes beside it. A thread in each worker therefore watches its parent
+(torchrun) and the launcher (launch_ddp.sh, WAVLM_LAUNCHER_PID, on the same node)
+and ends the worker at once when either is gone. A checkpoint being written then is
+left without its commit, which the next run removes (faults/checkpoints.py)."""
+
+import os
+import sys
+import threading
+
+from wavlm_ddp.faults.run_lock import HOLDER_PID_ENV, pid_alive
+
+POLL_S = 1.0  # how often the parent and the launcher are looked for
+ORPHANED_EXIT_CODE = 1
+
+
+class LauncherWatch:
+    """Started in each torchrun worker (`under_torchrun`); does nothing elsewhere."""
+
+    def __init__(self):
+        self.parent = os.getppid()
+        launcher = os.environ.get(HOLDER_PID_ENV)
+        self.launcher = int(launcher) if launcher and launcher.isdigit() else None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def under_torchrun():
+        return "TORCHELASTIC_RUN_ID" in os.environ or "TORCHELASTIC_RESTART_COUNT" in os.environ
+
+    def start(self):
+        if self.under_torchrun():
+            threading.Thread(target=self._watch, name="launcher-watch", daemon=True).start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+
+    def gone(self):
+        """What is gone (torchrun, the launcher), or None."""
+        if os.getppid() != self.parent:
+            return f"its torchrun (pid {self.parent})"
+        if self.launcher is not None and not pid_alive(self.launcher):
+            return f"its launcher (pid {self.launcher})"
+        return None
+
+    def _watch(self):
+        while not self._stop.wait(POLL_S):
+            what = self.gone()
+            if what:
+                sys.stderr.write(f"worker {os.getpid()} stops: {what} is gone, and no worker may write to the "
+                                 "output folder without it (rerun the launch to resume from the last checkpoint)\n")
+                sys.stderr.flush()
+                os._exit(ORPHANED_EXIT_CODE)
