@@ -12,14 +12,14 @@ import os
 import sys
 import threading
 
-from wavlm_ddp.faults.run_lock import HOLDER_PID_ENV, pid_alive
+from wavlm_ddp.faults.run_lock import HOLDER_PID_ENV, pid_alive, started_by_torchrun
 
 POLL_S = 1.0  # how often the parent and the launcher are looked for
 ORPHANED_EXIT_CODE = 1
 
 
 class LauncherWatch:
-    """Started in each torchrun worker (`under_torchrun`); does nothing elsewhere."""
+    """Started in each torchrun worker; does nothing elsewhere."""
 
     def __init__(self):
         self.parent = os.getppid()
@@ -27,12 +27,8 @@ class LauncherWatch:
         self.launcher = int(launcher) if launcher and launcher.isdigit() else None
         self._stop = threading.Event()
 
-    @staticmethod
-    def under_torchrun():
-        return "TORCHELASTIC_RUN_ID" in os.environ or "TORCHELASTIC_RESTART_COUNT" in os.environ
-
     def start(self):
-        if self.under_torchrun():
+        if started_by_torchrun():
             threading.Thread(target=self._watch, name="launcher-watch", daemon=True).start()
         return self
 

@@ -153,8 +153,10 @@ def exit_code_after_preemption():
     file (so that torchrun does not restart the workers, and the launcher exits with
     PREEMPTED_EXIT_CODE); PREEMPTED_EXIT_CODE everywhere else (one process, or a plain
     torchrun, which then reports the workers as failed instead of finished)."""
+    from wavlm_ddp.faults.run_lock import started_by_torchrun
+
     marker = os.environ.get(MARKER_ENV)
-    if marker and "TORCHELASTIC_RUN_ID" in os.environ:
+    if marker and started_by_torchrun():
         Path(marker).write_text("preempted\n")
         return 0
     return PREEMPTED_EXIT_CODE

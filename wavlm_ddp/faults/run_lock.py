@@ -40,11 +40,16 @@ HOLDER_PID_ENV = "WAVLM_LAUNCHER_PID"  # the launcher's pid: while it runs, the 
 LOST_HOLD_EXIT_CODE = 2
 
 
+def started_by_torchrun():
+    """Whether this process is a torchrun worker (torchrun sets the variable for each)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def run_id():
     """Who this process runs for: the same value in every process of one launch and its restarts."""
     if os.environ.get(RUN_ID_ENV):
         return f"{RUN_ID_ENV}={os.environ[RUN_ID_ENV]}"
-    if "TORCHELASTIC_RESTART_COUNT" in os.environ:  # a plain torchrun: its agent is the launch
+    if started_by_torchrun():  # a plain torchrun: its agent is the launch
         return f"torchrun={os.getppid()}@{socket.gethostname()}"
     return f"pid={os.getpid()}@{socket.gethostname()}"
 
