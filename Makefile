@@ -14,7 +14,8 @@ STAMP := $(VENV)/.installed
 demo: $(STAMP)
 	PYTHON=$(VENV)/bin/python ./launch_ddp.sh
 
-# Two pytest workers, each taking whole test modules (shared trained runs stay in one).
+# Two pytest workers, each taking whole test modules (shared trained runs stay in one;
+# tests/conftest.py joins the modules of its one 2-rank spawn into one).
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --durations=30
 

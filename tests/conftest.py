@@ -1,11 +1,19 @@
-"""Shared fixtures: a tiny WavLM saved locally with save_pretrained (no download)."""
+"""Shared fixtures: a tiny WavLM saved locally with save_pretrained (no download), and
+the suite's 2-rank scenarios in one spawn; the order and grouping of modules for
+`make test` (pytest-xdist --dist loadscope)."""
 
+import importlib
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+# Inductor's CPU kernels as scalar C++ loops: the same graphs and lowering as with SIMD
+# loops, compiled in about two thirds of the time (the compile tests prove what inductor
+# does to the layers, not how fast a CPU runs them). Set before torch is imported.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,13 +48,56 @@ def tiny_config():
     return dict(TINY_CONFIG)
 
 
-# Modules that train through launch_ddp.sh first: `make test` spreads whole modules
-# over two pytest workers (pytest-xdist, --dist loadscope), and the long ones must
-# not be left for the end, when one worker would wait alone for them.
-LONG_MODULES = ["test_exact_resume.py", "test_world_size.py", "test_last_mile.py", "test_restarts.py", "test_launch.py", "test_wrapper.py",
+# Modules whose 2-rank scenarios (each module's two_rank_plan) run in one spawn: one
+# process group, one set of imports for all of them (two_rank_scenarios).
+TWO_RANK_MODULES = ("test_fault_tolerance", "test_data_faults", "test_durable_checkpoints")
+
+
+@pytest.fixture(scope="session")
+def two_rank_scenarios(tmp_path_factory, tiny_wavlm_dir):
+    """{module name: (its base folder, {scenario: each rank's result})} of every
+    TWO_RANK_MODULES module's two_rank_plan, run by ddp_worker.scenarios on 2 gloo ranks."""
+    from ddp_worker import spawn_scenarios
+
+    base = tmp_path_factory.mktemp("two_rank_scenarios")
+    plans = {}
+    for name in TWO_RANK_MODULES:
+        (base / name).mkdir()
+        plans[name] = importlib.import_module(name).two_rank_plan(base / name, tiny_wavlm_dir)
+    runs = spawn_scenarios({f"{module}/{scenario}": spec for module, plan in plans.items()
+                            for scenario, spec in plan.items()}, base / "ddp")
+    return {module: (base / module, {scenario: runs[f"{module}/{scenario}"] for scenario in plan})
+            for module, plan in plans.items()}
+
+
+# Modules that train through launch_ddp.sh first: `make test` spreads whole modules over
+# two pytest workers (pytest-xdist, --dist loadscope), and the long ones must not be
+# left for the end, when one worker would wait alone for them.
+LONG_MODULES = ["test_exact_resume.py", "test_world_size.py", "test_last_mile.py", "test_launch.py", "test_wrapper.py",
                 "test_layerdrop_ddp.py", "test_large_recipe.py", "test_families.py"]
 
 
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONG_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadscope, with the TWO_RANK_MODULES one scope (their shared spawn is made
+    once, by the one worker that runs them; xdist's own loadgroup does not group here),
+    handed out in the collection's order: xdist's default puts the scopes with the most
+    tests first, which leaves the long launches for the end."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesWithSharedRuns(LoadScopeScheduling):
+        def __init__(self, config, log=None):
+            config.option.loadscopereorder = False  # the collection's order (LONG_MODULES first), not the test count
+            super().__init__(config, log)
+
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            return "two_rank_scenarios" if Path(module).stem in TWO_RANK_MODULES else module
+
+    return ModulesWithSharedRuns(config, log)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import ddp_worker
-from ddp_worker import results_of, spawn_scenarios
+from ddp_worker import results_of
 from helpers import demo_slice, hf_copies, run_train
 from wavlm_ddp.data import manifests, pipeline
 from wavlm_ddp.preflight import ConfigError
@@ -218,11 +218,16 @@ def plans_compared(view):
 ddp_worker.plans_compared = plans_compared
 
 
+def two_rank_plan(base, tiny_wavlm_dir):
+    """The 2-rank scenarios of this module (run in conftest's one 2-rank spawn for the
+    whole suite, conftest.two_rank_scenarios)."""
+    return {name: ("plans_compared", dict(view=view)) for name, view in [
+        ("same", same_view), ("longer", one_utterance_longer_on_rank_1), ("fewer", three_utterances_on_rank_1)]}
+
+
 @pytest.fixture(scope="module")
-def plan_runs(tmp_path_factory):
-    return spawn_scenarios({name: ("plans_compared", dict(view=view)) for name, view in [
-        ("same", same_view), ("longer", one_utterance_longer_on_rank_1), ("fewer", three_utterances_on_rank_1)]},
-        tmp_path_factory.mktemp("plans"))
+def plan_runs(two_rank_scenarios):
+    return two_rank_scenarios[__name__][1]
 
 
 def test_ranks_that_read_the_same_data_plan_the_same_batches(plan_runs):
@@ -296,3 +301,49 @@ def test_check_workers_find_the_bad_rows_one_process_finds(tmp_path, monkeypatch
     assert [b.utt_id for b in one] == ["ghost-a", "ghost-b", "ghost-c"]
     assert manifests.validate_manifests({"train": train}, DEMO, limits, charset, workers=3) == one
     assert multiprocessing.active_children() == []
+
+
+SLOW_CHECK = """
+import os, sys, time
+from wavlm_ddp.data import manifests
+
+def slow(chunk):
+    time.sleep(120)  # a check that outlives the test unless its worker is ended
+    return []
+
+print(os.getpid(), flush=True)
+manifests._forked_map(slow, [[1], [2]], 2, lambda chunk: "a block")
+"""
+
+
+def test_check_workers_end_with_a_rank_that_is_killed(tmp_path):
+    """The data check's workers are forked by the rank (or launch_ddp.sh's check process)
+    that checks; SIGKILL to it (the OOM killer, torchrun ending a group) ends them too:
+    none reads audio on for a rank that is gone."""
+    import subprocess
+    import sys
+    import time
+
+    from helpers import process_tree
+
+    parent = subprocess.Popen([sys.executable, "-c", SLOW_CHECK], cwd=Path(__file__).resolve().parents[1],
+                              stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    deadline = time.time() + 60
+    while len(process_tree(pid)) < 3 and time.time() < deadline:  # the parent and its 2 workers
+        time.sleep(0.05)
+    workers = [p for p in process_tree(pid) if p != pid]
+    assert len(workers) == 2
+    os.kill(pid, signal.SIGKILL)
+    parent.wait()
+
+    def alive(p):
+        try:
+            return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 30  # the kernel's parent-death signal: at once; generous for a loaded machine
+    while any(alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert [p for p in workers if alive(p)] == []

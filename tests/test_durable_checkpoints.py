@@ -2,7 +2,7 @@
 outside the checkpoint writes (train_steps.csv each step, the epoch report, the checkpoint
 folder's creation): one line on every rank, no rank left waiting, the checkpoints intact.
 
-The 2-rank scenarios run in one spawn (ddp_worker.scenarios). Their functions live here and
+The 2-rank scenarios run in the suite's one spawn (conftest.two_rank_scenarios). Their functions live here and
 register themselves in ddp_worker: the spawned ranks import this module when they unpickle
 the functions passed to the scenarios."""
 
@@ -25,7 +25,7 @@ from speechbrain.utils.epoch_loop import EpochCounter
 from speechbrain.utils.train_logger import FileTrainLogger
 
 import ddp_worker
-from ddp_worker import results_of, spawn_scenarios
+from ddp_worker import results_of
 from wavlm_ddp.faults.checkpoints import PENDING_META, SafeCheckpointer
 from wavlm_ddp.preflight import ConfigError
 from wavlm_ddp.training.brain import RecipeBrain
@@ -462,18 +462,23 @@ for _scenario in (damaged_on_two_ranks, steps_on_a_full_disk, epoch_report_on_a_
 DAMAGES = [("holder.ckpt", emptied), ("holder.ckpt", cut_to_3_bytes), ("counter.ckpt", emptied)]
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """Every 2-rank scenario of this module in one spawn: (base folder, {name: each rank's result})."""
-    base = tmp_path_factory.mktemp("durable_two_ranks")
+def two_rank_plan(base, tiny_wavlm_dir):
+    """Every 2-rank scenario of this module (run in conftest's one 2-rank spawn for the
+    whole suite, conftest.two_rank_scenarios), with their folders under `base`."""
     for name in ("damaged", "steps", "report", "folder"):
         (base / name).mkdir()
-    return base, spawn_scenarios({
+    return {
         "damaged": ("damaged_on_two_ranks", dict(base=str(base / "damaged"), damages=DAMAGES)),
         "steps": ("steps_on_a_full_disk", dict(base=str(base / "steps"), disk=disk_full_at)),
         "report": ("epoch_report_on_a_full_disk", dict(base=str(base / "report"), disk=disk_full_at)),
         "folder": ("checkpoint_folder_on_a_full_disk", dict(base=str(base / "folder"), disk=disk_full_at)),
-    }, base / "ddp")
+    }
+
+
+@pytest.fixture(scope="module")
+def two_ranks(two_rank_scenarios):
+    """(this module's base folder, {name: each rank's result}) of two_rank_plan."""
+    return two_rank_scenarios[__name__]
 
 
 @pytest.mark.parametrize("case", range(len(DAMAGES)), ids=[f"{file}-{damage.__name__}" for file, damage in DAMAGES])
@@ -491,10 +496,10 @@ def test_a_full_disk_at_train_steps_csv_stops_every_rank_with_one_line_and_keeps
     line = f"could not write {path} ({NO_SPACE}); the checkpoints saved so far are intact: free space {RERUN}"
     for result in ranks:
         assert result["errors"] == [None, None, line]  # every rank, at the same step
-    header = "step,epoch,lr_head,encoder_frozen,loss_rank0\n"
-    rows = ["1,1,5.000000e-01,0,2.9000\n", "2,1,5.000000e-01,0,2.8000\n"]
+    header = "step,epoch,lr_head,encoder_frozen,loss_rank0,batch_ids_crc_sum\n"
+    rows = ["1,1,5.000000e-01,0,2.9000,0\n", "2,1,5.000000e-01,0,2.8000,0\n"]
     assert ranks[0]["csv"] == header + "".join(rows)  # the part of row 3 that fitted is cut off again
-    assert ranks[0]["after"] == header + "".join(rows) + "3,1,5.000000e-01,0,2.7000\n"
+    assert ranks[0]["after"] == header + "".join(rows) + "3,1,5.000000e-01,0,2.7000,0\n"
 
 
 def test_a_full_disk_during_the_epoch_report_stops_every_rank_with_one_line_and_the_checkpoint_recovers(two_ranks):

@@ -6,8 +6,10 @@ uninterrupted, and again interrupted at every place a cluster can interrupt it:
   - SIGUSR1 to every process of the launch (as SLURM signals a job step: the launcher,
     torchrun, the workers in their own sessions, their DataLoader processes) while the
     checks run: it stops with nothing to save;
-  - rank 1 killed (SIGKILL) right after the end-of-epoch-1 checkpoint: torchrun
-    (--max-restarts 1) restarts the group from it;
+  - rank 1 frozen (SIGSTOP) after the first checkpoint: rank 0's watchdog ends it after
+    hang_timeout_minutes, torchrun (--max-restarts 2) restarts the group from that checkpoint;
+  - rank 1 killed (SIGKILL) right after the end-of-epoch-1 checkpoint: torchrun restarts
+    the group from it;
   - SIGTERM to every process mid-epoch 2: a checkpoint at the next optimizer step, exit 75;
   - the launcher and torchrun killed (SIGKILL) mid-epoch: the workers end, nothing writes
     into the folder afterwards, and the next launch takes the folder over;
@@ -117,8 +119,9 @@ def corpus(tmp_path_factory):
     make_local_checkpoint(folder / "wavlm-small", demo["init_config"], demo["init_seed"])  # once, for both runs
     assert demo["apply_spec_augment"] and demo["mask_time_prob"] > 0  # SpecAugment on in the demo
     args = [f"--{split}_csv={path}" for split, path in demo_slice(folder, ROWS).items()]
-    return folder, ["--max-restarts", "1", *args, f"--wavlm_source={folder / 'wavlm-small'}", "--noprogressbar",
+    return folder, ["--max-restarts", "2", *args, f"--wavlm_source={folder / 'wavlm-small'}", "--noprogressbar",
                     "--number_of_epochs=2", "--ckpt_interval_steps=3", "--attention_dropout=0.1",
+                    "--hang_timeout_minutes=0.25",
                     "--train_dataloader_opts={num_workers: 2}", "--use_tensorboard=True"]
 
 
@@ -204,9 +207,13 @@ def interrupted(corpus):
     runs["startup_files"] = sorted(p.name for p in (out / "save").glob("CKPT+*")) if (out / "save").exists() else []
 
     process, out, log_path = start(corpus, "interrupted", "interrupted")
+    wait_for(lambda: (out / "save").is_dir() and any((out / "save").glob("CKPT+*/CKPT.yaml")), process, log_path,
+             poll=0.05)
+    os.kill(trainer_pid(out, rank=1), signal.SIGSTOP)  # frozen: rank 0 waits for it in a collective
+    wait_for(lambda: "resumed from checkpoint" in log_path.read_text(), process, log_path)
     wait_for(lambda: (out / "save").is_dir() and end_of_epoch_checkpoints(out), process, log_path, poll=0.05)
     os.kill(trainer_pid(out, rank=1), signal.SIGKILL)
-    wait_for(lambda: "resumed from checkpoint" in log_path.read_text(), process, log_path)
+    wait_for(lambda: log_path.read_text().count("resumed from checkpoint") == 2, process, log_path)
     rows = len(step_rows(out))
     wait_for(lambda: len(step_rows(out)) >= rows + 2, process, log_path)  # the restarted group trains on
     runs["signalled"] = len(signal_every_process(process.pid, signal.SIGTERM))
@@ -276,14 +283,30 @@ def test_a_signal_to_every_process_during_the_checks_stops_the_launch_with_nothi
     assert runs["startup_files"] == []
 
 
+def test_a_frozen_worker_makes_rank_0s_watchdog_restart_the_group_from_the_last_checkpoint(interrupted):
+    """SIGSTOP freezes rank 1 mid-epoch 1: rank 0 waits in a collective, its watchdog fires
+    after hang_timeout_minutes with the stacks of its threads, torchrun ends the group and
+    starts it again, and the group resumes from the checkpoint before the freeze."""
+    runs, _ = interrupted
+    code, log, _ = runs["killed"]
+    line = next(line for line in log.splitlines() if "watchdog: rank 0" in line)
+    assert "made no progress for" in line and "hang_timeout_minutes=0.25" in line
+    assert re.search(r"last progress: (training step \d+|checkpoint saved)", line), line
+    assert "Thread 0x" in log or "Current thread 0x" in log  # the stacks follow the line
+    resumed = re.findall(r"resumed from checkpoint: epoch (\d+), batch (\d+) of the epoch, optimizer step (\d+)", log)
+    assert resumed[0][0] == "1" and 0 < int(resumed[0][2]) < STEPS_PER_EPOCH, log[-3000:]  # mid-epoch 1
+
+
 def test_a_worker_killed_after_an_epoch_end_resumes_there_with_the_uninterrupted_losses(interrupted, reference):
+    """Both restarts of the launch (the frozen worker's and the killed one's) log the
+    uninterrupted run's rows, losses included."""
     runs, _ = interrupted
     code, log, rows = runs["killed"]
     assert code == 75, log[-3000:]  # it trained on until the preemption
     resumed = re.findall(r"resumed from checkpoint: epoch (\d+), batch (\d+) of the epoch, optimizer step (\d+)", log)
-    assert len(resumed) == 1 and resumed[0][:2] == ("2", "0"), log[-3000:]  # from the end-of-epoch-1 checkpoint
-    assert "random states of the 2 rank(s) restored from the checkpoint" in log
-    assert sum(int(row["step"]) >= int(resumed[0][2]) for row in rows) >= 2  # trained by the restarted group
+    assert len(resumed) == 2 and resumed[1][:2] == ("2", "0"), log[-3000:]  # from the end-of-epoch-1 checkpoint
+    assert log.count("random states of the 2 rank(s) restored from the checkpoint") == 2
+    assert sum(int(row["step"]) >= int(resumed[1][2]) for row in rows) >= 2  # trained by the restarted group
     assert_rows_equal(rows, step_rows(reference))
 
 
@@ -293,7 +316,7 @@ def test_sigterm_to_every_process_with_loader_workers_saves_at_the_next_step_and
     runs, _ = interrupted
     code, log, _ = runs["killed"]
     assert runs["signalled"] == 8  # launcher, torchrun, 2 ranks, 2 x 2 loader processes
-    after_restart = log.split("resumed from checkpoint")[1]
+    after_restart = log.split("resumed from checkpoint")[-1]
     assert code == 75 and clean(after_restart), after_restart[-3000:]
     assert "preempted by SIGTERM: checkpoint saved after optimizer step" in after_restart
     assert "preempted: the workers stopped at a safe point; the same command resumes the run (exit 75)" in log

@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 from speechbrain.utils.checkpoints import METAFNAME
 
-from ddp_worker import results_of, spawn_scenarios
+from ddp_worker import results_of
 from wavlm_ddp.faults.guards import NonFiniteGuard
 from wavlm_ddp.faults.checkpoints import SafeCheckpointer
 from wavlm_ddp.preflight import ConfigError, check_hparams, check_output_folder
@@ -260,17 +260,15 @@ def test_nonfinite_steps_are_skipped_then_stop_after_patience(caplog):
     assert guard.skipped_total == 5
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, tiny_wavlm_dir):
-    """The scenarios of this module that need two ranks, in one 2-rank spawn
-    (ddp_worker.scenarios): (their base folder, {name: each rank's result})."""
-    base = tmp_path_factory.mktemp("two_ranks")
+def two_rank_plan(base, tiny_wavlm_dir):
+    """The scenarios of this module that need two ranks (run in conftest's one 2-rank
+    spawn for the whole suite, conftest.two_rank_scenarios), with their folders under `base`."""
     for name in ("own_folders", "damaged", "disk_full", "nan_in_backward", "nan_accumulated"):
         (base / name).mkdir()
     (base / "shared" / "node0" / "shards").mkdir(parents=True)
     (base / "shared" / "node0" / "shards" / "train-00000.parquet").write_bytes(b"PAR1")
     (base / "shared" / "node1").mkdir()
-    return base, spawn_scenarios({
+    return {
         "nonfinite": ("nonfinite_on_one_rank", dict(patience=2)),
         # Rank 1's loss NaN at micro-batch 2 of 3 (one per step), and at micro-batch 3 of 6 (two per
         # step: the first of step 2, whose gradients DDP all-reduces only with micro-batch 4).
@@ -284,7 +282,13 @@ def two_ranks(tmp_path_factory, tiny_wavlm_dir):
         "damaged": ("damaged_checkpoints", dict(base=str(base / "damaged"))),
         "disk_full": ("disk_full_on_the_main_process", dict(base=str(base / "disk_full"))),
         "shared_folders": ("shared_folders_seen_differently", dict(base=str(base / "shared"))),
-    }, base / "ddp")
+    }
+
+
+@pytest.fixture(scope="module")
+def two_ranks(two_rank_scenarios):
+    """(this module's base folder, {name: each rank's result}) of two_rank_plan."""
+    return two_rank_scenarios[__name__]
 
 
 def test_a_nonfinite_loss_on_one_rank_makes_every_rank_skip(two_ranks):

@@ -122,3 +122,44 @@ def test_two_runs_breaking_one_stale_hold_at_once_leave_exactly_one_holder(tmp_p
         b.wait()
     winner = answers.index("won")
     assert answers[1 - winner].startswith(f"output_folder={folder} is in use by the run WAVLM_RUN_ID=breaker-{winner}")
+
+
+def dead_pid():
+    """A pid that no process has (a child that has been waited for)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("other", [{}, {"boot": "another-boot"}, {"pid_namespace": "pid:[1]"}])
+def test_a_dead_pid_frees_the_folder_at_once_only_when_taken_on_this_machine_boot_and_pid_namespace(tmp_path, other):
+    """A container on this host (same name, its own pid namespace) or this host before a
+    reboot numbers its processes apart: their pids say nothing here, only the heartbeat."""
+    from wavlm_ddp.faults.run_lock import machine
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    pid = dead_pid()
+    (folder / LOCK_NAME).write_text(json.dumps({"run": "WAVLM_RUN_ID=gone", **machine(), **other, "pid": pid,
+                                                "holder_pid": pid, "started": "-", "slurm_job": None,
+                                                "slurm_restart": 0}))
+    if not other:
+        taken = acquire_as(folder, {"WAVLM_RUN_ID": "next", "WAVLM_LAUNCHER_PID": ""})
+        assert json.loads((folder / LOCK_NAME).read_text())["run"] == "WAVLM_RUN_ID=next"
+        taken._stop.set()
+    else:
+        with pytest.raises(ConfigError, match="is in use by the run WAVLM_RUN_ID=gone"):
+            acquire_as(folder, {"WAVLM_RUN_ID": "next", "WAVLM_LAUNCHER_PID": ""})
+
+
+def test_the_lock_appears_whole_and_is_never_replaced_by_a_second_creation(tmp_path):
+    """Written beside its name and hard-linked there: a reader finds the whole record or no
+    file, and a second creation fails instead of overwriting (nothing left beside it)."""
+    folder = tmp_path / "run"
+    lock = acquire_as(folder, {"WAVLM_RUN_ID": "first", "WAVLM_LAUNCHER_PID": ""})
+    lock._stop.set()
+    record = json.loads((folder / LOCK_NAME).read_text())
+    with pytest.raises(FileExistsError):
+        FolderLock(folder, 10)._create({**record, "run": "WAVLM_RUN_ID=second"})
+    assert json.loads((folder / LOCK_NAME).read_text()) == record
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]

@@ -2,7 +2,7 @@
 or 1: the same global batch, optimizer steps and learning rates, from CSV manifests,
 a save_to_disk dataset and parquet shards alike; a preempted run resumed on another
 world size continues the schedule row for row; one run per output folder; the checks
-run once, before the workers. (A hard kill and its restart: test_restarts.py.)"""
+run once, before the workers. (A killed or frozen worker and its restart: test_exact_resume.py.)"""
 
 import csv
 import os
@@ -70,20 +70,29 @@ def finish(process, log_path):
 
 
 def step_rows(out):
-    """train_steps.csv as a list of (step, epoch, lr_wavlm, lr_head, encoder_frozen)."""
+    """train_steps.csv as a list of (step, epoch, lr_wavlm, lr_head, encoder_frozen, the
+    fingerprint of the step's global batch: the sum of its utterance IDs' CRC-32)."""
     with open(out / "train_steps.csv", newline="") as f:
-        return [(int(r["step"]), int(r["epoch"]), r["lr_wavlm"], r["lr_head"], r["encoder_frozen"])
-                for r in csv.DictReader(f)]
+        return [(int(r["step"]), int(r["epoch"]), r["lr_wavlm"], r["lr_head"], r["encoder_frozen"],
+                 int(r["batch_ids_crc_sum"])) for r in csv.DictReader(f)]
 
 
 @pytest.fixture(scope="session")
 def reference_runs(corpus):
-    """The same YAML trained uninterrupted by 2 ranks from the CSV manifests and by 1
-    process from the save_to_disk copy: {nproc: (log, output folder)}."""
-    runs = {}
-    for nproc, data in ((2, []), (1, save_to_disk_args(corpus))):
-        process, out, log_path = start(corpus, nproc, f"reference{nproc}", "--freeze_encoder=0.2", *data)
-        runs[nproc] = finish(process, log_path), out
+    """The YAML trained uninterrupted by 2 ranks from the CSV manifests, and checked
+    (--check_only: nothing to train) for 1 process from the save_to_disk copy:
+    {nproc: (log, output folder)}. (Training on 1 process, accumulating, against 2 ranks:
+    the preempted run below, which trains on both.)"""
+    process, out, log_path = start(corpus, 2, "reference2", "--freeze_encoder=0.2")
+    runs = {2: (finish(process, log_path), out)}
+    folder, manifests = corpus
+    out = folder / "reference1"
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *manifests, "--number_of_epochs=2",
+                          "--freeze_encoder=0.2", "--noprogressbar", f"--output_folder={out}",
+                          f"--wavlm_source={folder / 'wavlm-small'}", "--check_only", "--world_size=1",
+                          *save_to_disk_args(corpus)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, (one.stdout + one.stderr)[-3000:]
+    runs[1] = one.stdout + one.stderr, out
     return runs
 
 
@@ -93,28 +102,25 @@ def plan_line(log):
     return lines[0][lines[0].index("global batch:"):]
 
 
-def test_one_process_accumulating_and_two_ranks_take_the_same_steps_at_the_same_learning_rates(reference_runs):
-    (two_log, two_out), (one_log, one_out) = reference_runs[2], reference_runs[1]
+def test_one_process_accumulating_and_two_ranks_plan_the_same_global_batch_and_optimizer_steps(reference_runs):
+    (two_log, two_out), (one_log, _) = reference_runs[2], reference_runs[1]
     two, one = plan_line(two_log), plan_line(one_log)
     assert two.startswith("global batch: world size 2 x 12 s per rank x accumulation 1 = 24 s")
     assert one.startswith("global batch: world size 1 x 12 s per rank x accumulation 2 = 24 s")
     assert two.split(" = ")[1] == one.split(" = ")[1]  # the same audio per step and the same optimizer steps
     total = int(re.search(r"= (\d+) optimizer steps$", two).group(1))
-
     rows = step_rows(two_out)
-    assert rows == step_rows(one_out)  # step by step: epoch, both learning rates, encoder frozen or not
     assert [r[0] for r in rows] == list(range(total))
     assert {r[4] for r in rows} == {"0", "1"} and rows[0][2] == "0.000000e+00"  # frozen first, then trained
-    for log in (two_log, one_log):
-        assert re.search(rf"epoch 2: train loss .*\(optimizer step {total}\)", log), log[-3000:]
-        assert "schedule wavlm (optimizer steps): frozen for steps 0-" in log
+    assert re.search(rf"epoch 2: train loss .*\(optimizer step {total}\)", two_log), two_log[-3000:]
+    assert "schedule wavlm (optimizer steps): frozen for steps 0-" in two_log + one_log
 
 
 def test_the_workers_reuse_the_manifest_check_of_launch_ddp_sh(reference_runs):
-    for log, out in reference_runs.values():
-        assert "checks passed for world size" in log
-        assert "manifests unchanged since their last check" in log  # rank 0 did not read the audio again
-        assert (out / "save" / "manifest_check.json").exists()
+    log, out = reference_runs[2]
+    assert "checks passed for world size" in log
+    assert "manifests unchanged since their last check" in log  # rank 0 did not read the audio again
+    assert (out / "save" / "manifest_check.json").exists()
 
 
 def alignments(wer_file):
@@ -126,36 +132,42 @@ def alignments(wer_file):
 
 def test_sharded_evaluation_on_two_ranks_gives_the_single_process_wer(reference_runs, corpus):
     """The 2-rank run's checkpoint, given a head that emits text (test_last_mile.emit_text:
-    the run's own transcripts are empty), evaluated on the test set by 2 ranks, each
-    its shard, and by one process (--test_only, each in a copy of the run folder): the
-    same WER line and, utterance by utterance, the same hypotheses."""
+    the run's own transcripts are empty), evaluated on the test set by 2 ranks, each its
+    shard (--test_only, in a copy of the run folder), and transcribed by one process
+    (wavlm_ddp.transcribe --beam): the same hypotheses utterance by utterance, so the same
+    WER line."""
+    from speechbrain.utils.metric_stats import ErrorRateStats
     from test_last_mile import emit_text
+    from wavlm_ddp.transcribe import main as transcribe
 
-    two_out = reference_runs[2][1]
-    folder, manifests = corpus
-    evaluated = {}
-    for nproc in (2, 1):
-        copy = folder / f"sharded-copy{nproc}"
-        shutil.copytree(two_out, copy, ignore=shutil.ignore_patterns(".run-lock*"))
-        emit_text(copy)
-        if nproc == 2:
-            process, _, log_path = start(corpus, 2, copy.name, "--freeze_encoder=0.2", "--test_only", "--resume=True")
-            finish(process, log_path)
-        else:
-            one = subprocess.run([sys.executable, str(ROOT / "train.py"), *manifests, "--number_of_epochs=2",
-                                  "--freeze_encoder=0.2", "--noprogressbar", f"--output_folder={copy}",
-                                  f"--wavlm_source={folder / 'wavlm-small'}", "--test_only", "--resume=True"],
-                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
-            assert one.returncode == 0, (one.stdout + one.stderr)[-3000:]
-        evaluated[nproc] = alignments(copy / "wer_test.txt")
-    assert evaluated[2] == evaluated[1]  # %WER x [ edits / words, ins, del, sub ], then each utterance's
-    summary, blocks = evaluated[1]
+    folder, _ = corpus
+    copy = folder / "sharded-copy"
+    shutil.copytree(reference_runs[2][1], copy, ignore=shutil.ignore_patterns(".run-lock*"))
+    # One checkpoint, so that both pick the same: the run's empty transcripts tie every valid WER.
+    for older in sorted((copy / "save").glob("CKPT+*"), key=lambda c: (c / "CKPT.yaml").stat().st_mtime)[:-1]:
+        shutil.rmtree(older)
+    emit_text(copy)
+    process, _, log_path = start(corpus, 2, copy.name, "--freeze_encoder=0.2", "--test_only", "--resume=True")
+    finish(process, log_path)
+    sharded = alignments(copy / "wer_test.txt")
+    # wer_test.txt holds the run's best decoding: its beam search with the LM, as --beam decodes.
+    hypotheses, failed = transcribe([str(copy), "--csv", str(folder / "test.csv"), "--data_root", str(DEMO), "--beam"])
+    assert not failed
+    references = {row["ID"]: row["wrd"].split() for row in csv.DictReader(open(folder / "test.csv", newline=""))}
+    single = ErrorRateStats()
+    single.append(list(references), [dict(hypotheses)[key].split() for key in references], list(references.values()))
+    (folder / "single_wer.txt").write_text("")
+    with open(folder / "single_wer.txt", "w") as f:
+        single.write_stats(f)
+    one = alignments(folder / "single_wer.txt")
+    assert sharded == one  # %WER x [ edits / words, ins, del, sub ], then each utterance's alignment
+    summary, blocks = one
     assert len(blocks) == ROWS["test"]
     assert re.search(r" (\d+) sub \]", summary).group(1) != "0", summary  # the hypotheses hold words
 
 
 def test_a_save_to_disk_dataset_without_durations_is_measured_once_and_kept(reference_runs):
-    log, out = reference_runs[1]
+    log, out = reference_runs[1]  # by the check alone
     durations = list((out / "save").glob("manifest_check.*.durations.npy"))
     assert sorted(p.name.split(".")[1] for p in durations) == ["test", "train", "valid"]
 
@@ -244,8 +256,15 @@ def test_a_preempted_run_saves_at_the_next_step_and_resumes_there_on_any_world_s
         assert resumed and 0 < int(resumed.group(3)) < int(resumed.group(4)), runs[name][1][-3000:]
         if int(resumed.group(2)) > 0:  # mid-epoch: translated into this world size's micro-batches
             assert f"resuming mid-epoch with world size {world} x accumulation {accumulation}" in runs[name][1]
-    # Row for row what the uninterrupted run logged: no step lost, none repeated, on any world size.
-    assert step_rows(out) == step_rows(reference_runs[2][1])
+    # Row for row what the uninterrupted run logged: no step lost, none repeated, on any world size,
+    # and each step's global batch the same utterances (2 ranks' micro-batches, or 1 process's 2
+    # accumulated ones: the fingerprint of their IDs).
+    rows = step_rows(out)
+    assert rows == step_rows(reference_runs[2][1])
+    assert {row[1] for row in rows} == {1, 2}
+    for epoch in (1, 2):
+        fingerprints = [row[5] for row in rows if row[1] == epoch]
+        assert 0 not in fingerprints and len(set(fingerprints)) == len(fingerprints)  # each step its own utterances
 
 
 def test_parquet_shards_give_the_manifests_batches_and_losses(preempted_run, reference_runs):

@@ -9,9 +9,41 @@ import uuid
 from pathlib import Path
 
 import torch
-from speechbrain.utils.distributed import ddp_broadcast, if_main_process
+from speechbrain.utils.distributed import ddp_broadcast, if_main_process, main_process_only
 
 from wavlm_ddp.preflight import ConfigError
+
+
+def on_main_process(task):
+    """Run `task()` on the main process only; a ConfigError there (a check that refused,
+    a write that failed) is raised on every rank as the same one-line ConfigError. Every
+    rank must call it: the outcome goes to every rank in one broadcast (SpeechBrain's
+    main_process_only, which also keeps the loggers that `task` calls from broadcasting
+    on the main process alone). Any other exception of `task` still reaches that
+    broadcast: the main process raises it with its traceback, the other ranks a
+    RuntimeError that names it."""
+    raised = None
+
+    def attempt():
+        nonlocal raised
+        try:
+            task()
+        except ConfigError as refused:
+            return "refused", str(refused)
+        except Exception as error:  # noqa: BLE001 - raised below, after the broadcast
+            raised = error
+            return "raised", f"{type(error).__name__}: {error}"
+        return None
+
+    outcome = main_process_only(attempt)()
+    if outcome is None:
+        return
+    kind, text = outcome
+    if kind == "refused":
+        raise ConfigError(text)
+    if raised is not None:
+        raise raised
+    raise RuntimeError(f"the main process failed ({getattr(task, '__name__', 'a task')}): {text}")
 
 
 def collective_device():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import soundfile as sf
 
+from wavlm_ddp.faults.launcher_watch import end_with_parent
 from wavlm_ddp.preflight import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def _forked_map(check, chunks, workers, block):
     try:
         for _ in range(workers):
             ours, theirs = context.Pipe()
-            procs[ours] = context.Process(target=_serve, args=(check, chunks, theirs), daemon=True)
+            procs[ours] = context.Process(target=_serve, args=(check, chunks, theirs, os.getpid()), daemon=True)
             procs[ours].start()
             theirs.close()
             idle.append(ours)
@@ -148,8 +149,10 @@ def _forked_map(check, chunks, workers, block):
     return results
 
 
-def _serve(check, chunks, conn):
-    """A check worker: check the chunk whose number arrives, send the result back."""
+def _serve(check, chunks, conn, parent):
+    """A check worker: check the chunk whose number arrives, send the result back; it
+    ends with its parent (a killed rank or check process leaves no worker behind)."""
+    end_with_parent(parent)
     while True:
         try:
             number = conn.recv()
@@ -187,7 +190,7 @@ def _first_fatal_row(check, chunk):
     process, how it ended) or (None, None)."""
     context = multiprocessing.get_context("fork")
     ours, theirs = context.Pipe()
-    proc = context.Process(target=_one_by_one, args=(check, chunk, theirs), daemon=True)
+    proc = context.Process(target=_one_by_one, args=(check, chunk, theirs, os.getpid()), daemon=True)
     proc.start()
     theirs.close()
     passed = 0
@@ -204,7 +207,8 @@ def _first_fatal_row(check, chunk):
     return None, None
 
 
-def _one_by_one(check, chunk, conn):
+def _one_by_one(check, chunk, conn, parent):
+    end_with_parent(parent)
     for k in range(len(chunk)):
         try:
             check(chunk[k : k + 1])

@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+import zlib
+
 import torch
 
 from wavlm_ddp.distributed import collective_device, rank
@@ -29,20 +31,28 @@ class NonFiniteGuard:
 
     def __init__(self, patience):
         self.patience = patience
+        self.fingerprint = 0  # of the last agree's micro-batch, every rank's IDs
         self.skipped_total = 0
         self.consecutive = 0
 
     def step_is_finite(self, loss):
         return self.agree(loss)[0]
 
-    def agree(self, loss, stop_requested=False):
-        """(whether every rank's loss is finite, whether any rank asked to stop):
-        one all-reduce of two numbers (the stop request of preemption.py rides along)."""
-        flags = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0, float(stop_requested)],
-                             device=collective_device())
+    def agree(self, loss, stop_requested=False, ids=()):
+        """(whether every rank's loss is finite, whether any rank asked to stop, the
+        sum over every rank of the CRC-32 of each utterance ID in `ids`): one all-reduce
+        of three numbers (the stop request of preemption.py and the batch's fingerprint
+        ride along). The fingerprint is a sum, so it does not depend on which rank or
+        micro-batch held an utterance: summed over an optimizer step's micro-batches it
+        names the global batch alike on any world size. Below 2**53 it is exact in
+        float64: IDs of up to 2**20 utterances a micro-batch on every rank."""
+        fingerprint = float(sum(zlib.crc32(str(i).encode()) for i in ids))
+        flags = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0, float(stop_requested), fingerprint],
+                             dtype=torch.float64, device=collective_device())
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        bad, stop = flags.tolist()
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.SUM)
+        bad, stop, fingerprint = flags.tolist()
+        self.fingerprint = int(fingerprint)
         if bad == 0:
             self.consecutive = 0
             return True, stop > 0

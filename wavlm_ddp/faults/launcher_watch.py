@@ -8,7 +8,9 @@ that folder writes beside it. A thread in each worker therefore watches its pare
 and ends the worker at once when either is gone. A checkpoint being written then is
 left without its commit, which the next run removes (faults/checkpoints.py)."""
 
+import ctypes
 import os
+import signal
 import sys
 import threading
 
@@ -16,6 +18,21 @@ from wavlm_ddp.faults.run_lock import HOLDER_PID_ENV, pid_alive, started_by_torc
 
 POLL_S = 1.0  # how often the parent and the launcher are looked for
 ORPHANED_EXIT_CODE = 1
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_parent(parent):
+    """Have the kernel kill this process (SIGKILL) when the thread that forked it ends,
+    and end now when `parent` is already gone: for the forked helpers of a rank (the data
+    check's workers), which would otherwise check on for a rank that was killed."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: they end at their next message instead
+        pass
+    if os.getppid() != parent:
+        os._exit(ORPHANED_EXIT_CODE)
 
 
 class LauncherWatch:

@@ -12,10 +12,11 @@ SLURM_RESTART_COUNT of the same job) takes over at once, since SLURM requeues a 
 only after it ended.
 
 A dead holder does not block the folder for long. File locks are not relied on (they
-often fail across nodes on NFS): the lock is created with O_EXCL, its holder rewrites
-its time every HEARTBEAT_S seconds from the moment it takes it, and a hold is stale
-when its time is older than `lock_stale_minutes`, or at once when its host is this
-one and neither its launcher nor its holding process runs. A stale hold is broken
+often fail across nodes on NFS): the lock is written whole and hard-linked into place
+(a link fails where the file exists), its holder rewrites its time every HEARTBEAT_S
+seconds from the moment it takes it, and a hold is stale when its time is older than
+`lock_stale_minutes`, or at once when it was taken on this machine (host, boot and
+pid namespace) and neither its launcher nor its holding process runs. A stale hold is broken
 by one breaker at a time (a second O_EXCL file), which looks again before it breaks.
 A heartbeat that finds the lock taken by another run stops its process instead of
 writing on.
@@ -64,6 +65,20 @@ def pid_alive(pid):
     return True
 
 
+def machine():
+    """Where a pid means one process: this host's name, its boot (a reboot reuses pids) and
+    the pid namespace (two containers on one host may share a name and number pids alike)."""
+    def read(how):
+        try:
+            return how()
+        except OSError:
+            return None
+
+    return {"host": socket.gethostname(),
+            "boot": read(lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip()),
+            "pid_namespace": read(lambda: os.readlink("/proc/self/ns/pid"))}
+
+
 def _slurm():
     """(job id, requeue count) of this SLURM job, or (None, 0)."""
     return os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
@@ -101,13 +116,15 @@ class FolderLock:
         if job and record.get("slurm_job") == job and int(record.get("slurm_restart", 0)) < restarts:
             return f"SLURM job {job} was requeued (restart {restarts})"
         pids = [int(record.get(key) or 0) for key in ("pid", "holder_pid")]
-        if record.get("host") == socket.gethostname() and not any(pid and pid_alive(pid) for pid in pids):
+        here = machine()
+        if all(record.get(key) == value for key, value in here.items()) and not any(pid and pid_alive(pid)
+                                                                                    for pid in pids):
             return f"its processes {', '.join(str(p) for p in pids if p)} on this host are gone"
         return None
 
     def _record(self):
         job, restarts = _slurm()
-        return {"run": run_id(), "host": socket.gethostname(), "pid": int(os.environ.get(HOLDER_PID_ENV) or os.getpid()),
+        return {"run": run_id(), **machine(), "pid": int(os.environ.get(HOLDER_PID_ENV) or os.getpid()),
                 "holder_pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 "slurm_job": job, "slurm_restart": restarts}
 
@@ -120,7 +137,7 @@ class FolderLock:
         me = self._record()
         for _ in range(20):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(me)
             except FileExistsError:
                 record = self.holder()
                 if record and record.get("run") == me["run"]:
@@ -128,7 +145,7 @@ class FolderLock:
                     return self._start_heartbeat()
                 why = self.stale(record)
                 if record is None and why is None:
-                    time.sleep(0.5)  # being written right now
+                    time.sleep(0.5)  # unreadable (not one of ours): judged again, then by its age
                     continue
                 if why is None and self.holder() != record:
                     continue  # replaced while it was judged (a breaker took it): judge the new holder
@@ -139,8 +156,6 @@ class FolderLock:
                         "choose another --output_folder")
                 self._break(record)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
             return self._start_heartbeat()
         raise ConfigError(f"could not take {self.path}: another run keeps writing it; choose another --output_folder")
 
@@ -164,6 +179,17 @@ class FolderLock:
                 self.path.unlink(missing_ok=True)
         finally:
             self.break_path.unlink(missing_ok=True)
+
+    def _create(self, record):
+        """Create the lock with `record` in it, or raise FileExistsError: written whole
+        beside it, then hard-linked to its name (a link never replaces a file, on NFS too),
+        so that no reader ever sees the lock empty."""
+        tmp = self.path.with_name(f"{LOCK_NAME}.{uuid.uuid4().hex}")
+        tmp.write_text(json.dumps(record))
+        try:
+            os.link(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _write(self, record):
         tmp = self.path.with_name(f"{LOCK_NAME}.{uuid.uuid4().hex}")

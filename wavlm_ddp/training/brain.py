@@ -45,6 +45,8 @@ class RecipeBrain(sb.Brain):
     preemption = None  # preemption.PreemptionWatch, when preempt_signals is set
     stop_agreed = False  # some rank was asked to stop: save at the next step boundary, then stop
     accumulated_finite = True  # every micro-batch of the optimizer step so far had a finite loss on every rank
+    accumulated_fingerprint = 0  # the optimizer step's utterance IDs so far, on every rank (NonFiniteGuard.agree)
+    step_fingerprint = 0  # those of the last optimizer step: the same global batch gives the same number
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -122,11 +124,14 @@ class RecipeBrain(sb.Brain):
                 outputs = self.compute_forward(batch, sb.Stage.TRAIN)
                 loss = self.compute_objectives(outputs, batch, sb.Stage.TRAIN)
             self.scaler.scale(loss / self.grad_accumulation_factor).backward()
-        finite, stop = self.nonfinite.agree(loss.detach(), self.preemption is not None and self.preemption.requested)
+        finite, stop = self.nonfinite.agree(loss.detach(), self.preemption is not None and self.preemption.requested,
+                                            ids=batch.id)
+        self.accumulated_fingerprint += self.nonfinite.fingerprint
         self.accumulated_finite &= finite
         self.stop_agreed |= stop
         if should_step:
             self.accumulated_step_applied = self.accumulated_finite
+            self.step_fingerprint, self.accumulated_fingerprint = self.accumulated_fingerprint, 0
             if self.accumulated_finite:
                 self.optimizers_step()
             else:
