@@ -26,11 +26,11 @@ from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process, run_on_main
 
 from wavlm_ddp.training.brain import RecipeBrain
-from wavlm_ddp.data.pipeline import (SPLITS, charset_of, dataio_prepare, hf_spec, read_datasets, training_plan, training_texts,
+from wavlm_ddp.data.pipeline import (SPLITS, add_test_sets, more_test_sets, charset_of, dataio_prepare, hf_spec, read_datasets, training_plan, training_texts,
                   validate_data)
 from wavlm_ddp.decoding.search import CTCDecoder, check_decoding, search_settings
 from wavlm_ddp.faults.guards import NonFiniteGuard, Watchdog, progress
-from wavlm_ddp.distributed import check_shared_folders, init_distributed
+from wavlm_ddp.distributed import check_shared_folders, init_distributed, on_main_process
 from wavlm_ddp.preflight import (
     ConfigError,
     check_find_unused_parameters,
@@ -41,6 +41,7 @@ from wavlm_ddp.preflight import (
     pop_int_flag,
     resolve_find_unused_parameters,
 )
+from wavlm_ddp.decoding.fetch import fetch
 from wavlm_ddp.decoding.ngram import build_lm
 from wavlm_ddp.data.tokenizer import load_tokenizer, train_tokenizer
 from wavlm_ddp.data.manifests import save_check
@@ -48,8 +49,9 @@ from wavlm_ddp.faults.launcher_watch import LauncherWatch
 from wavlm_ddp.faults.preemption import (DEFAULT_SIGNALS, Preempted, PreemptionWatch, check_signal_names, clear_marker,
                                          end_loader_workers, exit_code_after_preemption, stop_point)
 from wavlm_ddp.faults.run_lock import RUN_ID_ENV, FolderLock
-from wavlm_ddp.training.reporting import append_step_row, gather_eval_stats, global_sum, peak_memory_gib, report_epoch, report_test
-from wavlm_ddp.training.schedule import GlobalBatchSampler, check_schedule, describe_schedule, learning_rate
+from wavlm_ddp.training.reporting import writing, append_step_row, gather_eval_stats, global_sum, peak_memory_gib, report_epoch, report_test
+from wavlm_ddp.training.schedule import (GlobalBatchSampler, check_schedule, curve, describe_schedule, learning_rate,
+                                         schedule_start, update_budget)
 
 logger = logging.getLogger(__name__)
 DEFAULT_HPARAMS = Path(__file__).resolve().parent / "hparams" / "demo.yaml"
@@ -106,6 +108,9 @@ class ASR(RecipeBrain):
             self.wer_metric.append(batch.id, words, targets)
             self.cer_metric.append(batch.id, words, targets)
             if stage == sb.Stage.TEST and self.searching:
+                lexicon = getattr(self.test_decoder, "lexicon", None)
+                self.test_words += sum(len(t) for t in targets)
+                self.test_oov += sum(w not in lexicon for t in targets for w in t) if lexicon is not None else 0
                 started = time.time()
                 words = [text.split() for text in self.test_decoder(log_probs, wav_lens)]
                 self.decode_seconds += time.time() - started
@@ -120,10 +125,15 @@ class ASR(RecipeBrain):
         return CTCDecoder(self.tokenizer, self.hparams.blank_index)(log_probs, wav_lens)
 
     def on_fit_start(self):
-        if self.hparams.use_tensorboard and if_main_process():
-            from torch.utils.tensorboard import SummaryWriter  # optional package (preflight.py checks it)
+        if self.hparams.use_tensorboard:  # every rank: a folder that cannot be written stops them all alike
 
-            self.tensorboard = SummaryWriter(self.hparams.tensorboard_folder)  # reporting.report_epoch writes
+            def open_writer():
+                from torch.utils.tensorboard import SummaryWriter  # optional package (preflight.py checks it)
+
+                with writing(self.hparams.tensorboard_folder):
+                    self.tensorboard = SummaryWriter(self.hparams.tensorboard_folder)  # reporting.report_epoch writes
+
+            on_main_process(open_writer)
         self.nonfinite = NonFiniteGuard(self.nonfinite_patience)
         self.checkpointer.remove_interrupted_saves()
         super().on_fit_start()  # wraps DDP, builds optimizers, recovers the latest checkpoint
@@ -153,8 +163,9 @@ class ASR(RecipeBrain):
 
     def on_fit_batch_start(self, batch, should_step):
         for name, opt in self.optimizers_dict.items():
-            start = self.hparams.freeze_encoder if name == "wavlm" else 0.0
-            lr = learning_rate(self.optimizer_step, self.plan.total_steps, start=start, **self.hparams.lr[name])
+            cfg = self.hparams.lr[name]
+            start = schedule_start(name, cfg, self.hparams.freeze_encoder)
+            lr = learning_rate(self.optimizer_step, self.plan.total_steps, start=start, **curve(cfg))
             for group in opt.param_groups:
                 group["lr"] = lr
 
@@ -169,7 +180,7 @@ class ASR(RecipeBrain):
         if should_step:  # every rank: the main process writes, a failed write stops them all
             step = self.optimizer_step - 1 if self.accumulated_step_applied else self.optimizer_step
             append_step_row(self.hparams.train_steps_file, step, self.hparams.epoch_counter.current,
-                            self.optimizers_dict, step < self.freeze_steps, loss.detach())
+                            self.optimizers_dict, step < self.freeze_steps, loss.detach(), self.step_fingerprint)
 
     def on_stage_start(self, stage, epoch=None):
         if stage == sb.Stage.TRAIN:
@@ -182,6 +193,7 @@ class ASR(RecipeBrain):
         self.search_wer, self.search_cer = self.hparams.error_rate_computer(), self.hparams.cer_computer()
         self.eval_loss_sum, self.eval_count = 0.0, 0
         self.decode_seconds = self.test_audio_seconds = 0.0
+        self.test_words = self.test_oov = 0  # reference words, and those the beam search cannot output
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage == sb.Stage.TRAIN:
@@ -312,6 +324,7 @@ def check_run(hparams, hparams_file, run_opts, overrides, flags, world_size):
     check_find_unused_parameters(flags["find_unused_parameters"], world_size, hparams["layerdrop"],
                                  getattr(hparams["wavlm"], "keywords", {}).get("freeze", "cnn"))
     check_schedule(hparams)
+    add_test_sets(hparams)
     lock = hold_output_folder(hparams)
     try:
         return (lock, *_check_data_and_plan(hparams, hparams_file, run_opts, overrides, flags, world_size, lock))
@@ -329,14 +342,20 @@ def _check_data_and_plan(hparams, hparams_file, run_opts, overrides, flags, worl
     bad, digest, reused, check_line = validate_data(hparams)
     stop_point(hparams["preemption"], "during the data check: nothing to save yet")
     check_decoding(search_settings(hparams["test_search"], hparams["decoding_file"]), hparams.get("lm_text"),
-                   charset_of(hparams))
+                   charset_of(hparams), hparams.get("lm_url"))
     datasets, filtered = read_datasets(hparams, bad)
     plan, batches = training_plan(hparams, datasets["train"], world_size, run_opts)
+    if update_budget(hparams) and not run_opts.debug:  # the epochs that reach the update budget
+        hparams["epoch_counter"].limit = len(plan.steps_per_epoch)
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
     )
+    def save():
+        with writing(hparams["manifest_check_file"]):
+            save_check(hparams["manifest_check_file"], digest, bad, [])
+
+    on_main_process(save)  # a full disk: one line on every rank
     if if_main_process():
-        save_check(hparams["manifest_check_file"], digest, bad, [])
         logger.info(check_line)
         if reused:
             logger.info(f"manifests unchanged since their last check ({hparams['manifest_check_file']}): "
@@ -344,7 +363,10 @@ def _check_data_and_plan(hparams, hparams_file, run_opts, overrides, flags, worl
     if if_main_process():
         # Printed by launch_ddp.sh's check already: then only the log file gets it.
         log = logger.debug if os.environ.get(CHECKED_ENV) and not flags["check_only"] else logger.info
-        for line in [*([filtered] if filtered else []), plan.describe(), *describe_schedule(plan.total_steps, hparams["lr"], hparams["freeze_encoder"])]:
+        budget = plan.describe_budget(None if run_opts.debug else update_budget(hparams), hparams.get("gpu_speed"),
+                                      hparams.get("gpu_speed_source", ""))
+        for line in [*([filtered] if filtered else []), plan.describe(), budget,
+                     *describe_schedule(plan.total_steps, hparams["lr"], hparams["freeze_encoder"])]:
             log(line)
     return datasets, plan, batches
 
@@ -393,13 +415,19 @@ def train(hparams, run_opts, flags, datasets, plan, batches, distributed, world_
     )
     tokenizer = load_tokenizer(Path(hparams["save_folder"]) / "tokenizer.model")
     search = search_settings(hparams["test_search"], hparams["decoding_file"])
-    # Decided on the main process (run_on_main ends in a barrier every rank must reach).
-    build = if_main_process() and search["mode"] == "beam" and search["lm_path"] and not Path(search["lm_path"]).exists()
-    if ddp_broadcast(build):
+
+    def make_lm():  # fetched from lm_url (LibriSpeech's official 4-gram), or built from lm_text
+        if search["mode"] != "beam" or not search["lm_path"] or Path(search["lm_path"]).exists():
+            return
+        if hparams.get("lm_url"):
+            fetch(hparams["lm_url"], search["lm_path"], hparams.get("lm_sha256"), log=logger.info)
+            return
         lm_text = hparams["lm_text"]
         if hf_spec(hparams, "train") and lm_text == hparams["train_csv"]:  # the default: the training transcripts
             lm_text = str(Path(hparams["save_folder"]) / "train_text.txt")
-        run_on_main(build_lm, args=([lm_text], search["lm_path"], hparams["lm_order"]))
+        build_lm([lm_text], search["lm_path"], hparams["lm_order"])
+
+    on_main_process(make_lm)  # a failure there stops every rank with its one line
     datasets = dataio_prepare(hparams, tokenizer, None, datasets)
     stop_point(hparams["preemption"], "while the tokenizer and the LM were made: nothing to save yet")
 
@@ -442,9 +470,9 @@ def train(hparams, run_opts, flags, datasets, plan, batches, distributed, world_
             valid_loader_kwargs=hparams["valid_dataloader_opts"],
         )
         asr.test_decoder = CTCDecoder(tokenizer, hparams["blank_index"], **search)
-        asr.evaluate(
-            datasets["test"], min_key="WER", test_loader_kwargs=hparams["valid_dataloader_opts"]
-        )
+        for name in ["test", *more_test_sets(hparams)]:  # each with its WER lines and its wer file
+            asr.test_set = name
+            asr.evaluate(datasets[name], min_key="WER", test_loader_kwargs=hparams["valid_dataloader_opts"])
     except Preempted as stopped:
         if if_main_process():
             print(f"preempted by {stopped}; run the same command again to resume there", flush=True)

@@ -5,6 +5,7 @@ on 2 gloo processes, data preparation included."""
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,7 @@ def librispeech_tree(root, counts):
 
 
 def test_the_large_recipe_trains_on_two_gloo_ranks_with_the_readmes_smoke_settings(tmp_path):
-    data = librispeech_tree(tmp_path, {"train-clean-100": 80, "dev-clean": 8, "test-clean": 8})
+    data = librispeech_tree(tmp_path, {"train-clean-100": 80, "dev-other": 8, "test-clean": 8, "test-other": 6})
     source = save_tiny_wavlm(tmp_path / "wavlm-large-like", hidden_size=64, num_attention_heads=4,
                              intermediate_size=128)  # 64 channels: room for the recipe's 64-wide feature masks
     out = tmp_path / "run"
@@ -64,6 +65,13 @@ def test_the_large_recipe_trains_on_two_gloo_ranks_with_the_readmes_smoke_settin
     assert "checks passed for world size 2" in log and "rank 1 of world size 2 (gloo)" in log
     assert "max_duration=20 s: left out 1 of 80 training utterances" in log
     assert "wavlm from " + str(source) + ": 4 layers, hidden 64, layerdrop=0.1 (synced)" in log
-    assert "epoch 1: train loss" in log and "test WER" in log
+    assert "epoch 1: train loss" in log
+    for name, count in (("test", 8), ("test-other", 6)):  # both LibriSpeech test sets, each its lines and file
+        assert re.search(rf"^{name} WER [\d.]+ %, CER [\d.]+ %, greedy$", log, re.M), log[-3000:]
+        assert re.search(rf"^{name} WER [\d.]+ %, CER [\d.]+ %, beam search 50 \+ LM lm_3gram.arpa .*"
+                         rf"% of the {name} words are not in its lexicon", log, re.M), log[-3000:]
+        wer_file = out / ("wer_test.txt" if name == "test" else f"wer_{name}.txt")
+        assert len(re.findall(r"^[\w-]+, %WER", wer_file.read_text(), re.M)) == count
     with open(out / "save" / "train.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 80  # prepared from the tree; the filter acts on loading
+    assert (out / "save" / "test-other.csv").exists()

@@ -2,6 +2,8 @@
 
 import copy
 import csv
+import gzip
+import hashlib
 import os
 import sys
 import re
@@ -19,6 +21,8 @@ from transformers import Wav2Vec2Processor, Wav2Vec2ProcessorWithLM, WavLMForCTC
 from wavlm_ddp import tune_decoding
 import yaml
 from wavlm_ddp.export_hf import export
+from wavlm_ddp.decoding.ngram import build_lm
+from wavlm_ddp.decoding.search import arpa_words
 from wavlm_ddp.preflight import ConfigError
 from wavlm_ddp import inference
 from wavlm_ddp.inference import ExportedModel, TrainedModel
@@ -66,15 +70,21 @@ def finished_run(tmp_path_factory):
     """The demo trained for 2 epochs on one process (12 s per optimizer step, no accumulation)
     on the first TRAIN_ROWS training utterances, with TensorBoard on; then given a head
     that emits text (emit_text) and evaluated on the test set again (--test_only), so
-    that the transcripts compared below are words, not empty strings: (output folder,
-    the training's log followed by the evaluation's)."""
+    that the transcripts compared below are words, not empty strings. Its LM is fetched
+    from a file:// URL (lm_url, lm_sha256: as the official 4-gram would be), a gzipped
+    3-gram of the training slice: (output folder, the training's log followed by the
+    evaluation's)."""
     tmp = tmp_path_factory.mktemp("run")
     out = tmp / "out"
     lines = (DEMO / "train.csv").read_text().splitlines()
     (tmp / "train.csv").write_text("\n".join(lines[: TRAIN_ROWS + 1]) + "\n")
+    build_lm([str(tmp / "train.csv")], str(tmp / "lm.arpa"), order=3)
+    (tmp / "lm.arpa.gz").write_bytes(gzip.compress((tmp / "lm.arpa").read_bytes()))
     command = [sys.executable, str(ROOT / "train.py"), f"--output_folder={out}", f"--wavlm_source={tmp / 'wavlm-small'}",
                f"--train_csv={tmp / 'train.csv'}", "--number_of_epochs=2", "--global_batch_seconds=12",
                "--global_batch_tolerance=0.5",  # a small sample fills batches less well
+               f"--lm_url={(tmp / 'lm.arpa.gz').as_uri()}",
+               f"--lm_sha256={hashlib.sha256((tmp / 'lm.arpa.gz').read_bytes()).hexdigest()}",
                "--use_tensorboard=True", "--noprogressbar"]
     log = ""
     for extra in ([], ["--test_only"]):
@@ -126,12 +136,20 @@ def manifest_wer(hyps_csv):
     return stats.summarize("error_rate")
 
 
-def test_the_test_evaluation_prints_greedy_and_beam_search_with_lm_wers_and_the_decoding_time(finished_run):
+def test_the_test_evaluation_prints_greedy_and_beam_search_with_lm_wers_oov_and_the_decoding_time(finished_run):
     log = finished_run[1]
     assert re.search(r"^test WER [\d.]+ %, CER [\d.]+ %, greedy$", log, re.M), log[-2000:]
-    assert re.search(r"^test WER [\d.]+ %, CER [\d.]+ %, beam search 50 \+ LM lm_3gram.arpa \(lm_weight 2, "
-                     r"word_score 0\): decoding [\d.]+ s for 94 s of audio \(real-time factor [\d.]+\)$", log, re.M)
-    assert (finished_run[0] / "save" / "lm_3gram.arpa").read_text().startswith("\n\\data\\")
+    beam = re.search(r"^test WER [\d.]+ %, CER [\d.]+ %, beam search 50 \+ LM lm_3gram.arpa \(lm_weight 2, "
+                     r"word_score 0; ([\d.]+) % of the test words are not in its lexicon\): decoding [\d.]+ s for 94 "
+                     r"s of audio \(real-time factor [\d.]+\)$", log, re.M)
+    assert beam, log[-2000:]
+    arpa = finished_run[0] / "save" / "lm_3gram.arpa"
+    assert arpa.read_bytes() == (finished_run[0].parent / "lm.arpa").read_bytes()  # fetched from lm_url, unpacked
+    assert f"into {arpa} (SHA-256 of the download " in log
+    # The share printed is the test transcripts' words that the LM (the lexicon's source) lacks.
+    vocabulary = set(arpa_words(arpa))
+    words = [w for row in csv.DictReader(open(DEMO / "test.csv", newline="")) for w in row["wrd"].split()]
+    assert float(beam.group(1)) == pytest.approx(round(100 * sum(w not in vocabulary for w in words) / len(words), 2))
 
 
 @pytest.mark.parametrize("beam", [False, True], ids=["greedy", "beam-lm"])

@@ -157,9 +157,10 @@ def check_layerdrop(layerdrop):
 
 # Numeric keys and what they must be: (lowest allowed, whether that bound is
 # excluded, integer?, an example value for the message). max_duration may also be
-# null (no length limit).
+# null (no length limit), gpu_speed null (not measured: the start prints no GPU-hours).
 NUMBERS = {
     "number_of_epochs": (1, False, True, 20),
+    "gpu_speed": (0, True, False, 1593.0),
     "max_duration": (0, True, False, 20.0),
     "min_samples": (1, False, True, 400),
     "sample_rate": (1, False, True, 16000),
@@ -188,8 +189,8 @@ def check_numbers(hparams):
         if outer not in hparams or (inner and inner not in (hparams[outer] or {})):
             continue
         value = hparams[outer][inner] if inner else hparams[outer]
-        if value is None and name == "max_duration":
-            continue  # no length limit
+        if value is None and name in ("max_duration", "gpu_speed"):
+            continue  # no length limit; no cost estimate
         kind = "an integer" if integer else "a number"
         ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
         ok = ok and (value > low if exclusive else value >= low)

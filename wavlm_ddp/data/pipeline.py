@@ -31,10 +31,31 @@ from wavlm_ddp.data.manifests import (
     training_charset,
     validate_manifests,
 )
-from wavlm_ddp.training.schedule import length_buckets, make_plan, plan_summary, same_plan_on_every_rank
+from wavlm_ddp.training.schedule import length_buckets, make_plan, plan_summary, same_plan_on_every_rank, update_budget
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
+
+
+def more_test_sets(hparams):
+    """The test sets evaluated after `test` ({name: CSV manifest}, `more_test_sets`)."""
+    return dict(hparams.get("more_test_sets") or {})
+
+
+def splits(hparams):
+    """Every split the run reads: train, valid, test, then the more_test_sets by name
+    (each a CSV manifest, `<name>_csv`: add_test_sets)."""
+    return SPLITS + tuple(more_test_sets(hparams))
+
+
+def add_test_sets(hparams):
+    """Give each of the more_test_sets the key of a split's manifest (`<name>_csv`),
+    so that the data check and the readers treat it as one; one line for a bad entry."""
+    for name, path in more_test_sets(hparams).items():
+        if not isinstance(name, str) or name in SPLITS or not name or not isinstance(path, (str, Path)):
+            raise ConfigError(f"more_test_sets: {name!r}: {path!r} is not a test set name (not train, valid or test) "
+                              "and a manifest path: set --more_test_sets='{test-other: /path/test-other.csv}', or {}")
+        hparams[f"{name}_csv"] = str(path)
 _opened = {}  # (spec, hf split) -> the HF Dataset, opened once per process
 
 
@@ -74,7 +95,7 @@ def read_datasets(hparams, bad_rows):
     says what max_duration left out, or None)."""
     datasets, filtered = {}, None
     bad_ids = {row.utt_id for row in bad_rows}
-    for split in SPLITS:
+    for split in splits(hparams):
         if hf_spec(hparams, split):
             data, filtered_here = _hf_dataset(hparams, split, bad_rows)
         else:
@@ -213,7 +234,7 @@ def _limits(hparams):
 
 
 def _missing_source(hparams):
-    for split in SPLITS:
+    for split in splits(hparams):
         spec = hf_spec(hparams, split)
         if spec:
             try:
@@ -228,13 +249,13 @@ def _missing_source(hparams):
 
 def _measured_splits(hparams):
     """The HF splits without a duration column: their durations come from the check."""
-    return [split for split in SPLITS if hf_spec(hparams, split) and not hparams["hf_columns"].get("duration")]
+    return [split for split in splits(hparams) if hf_spec(hparams, split) and not hparams["hf_columns"].get("duration")]
 
 
 def _fingerprint(hparams, limits, charset):
-    csvs = {split: hparams[f"{split}_csv"] for split in SPLITS if not hf_spec(hparams, split)}
+    csvs = {split: hparams[f"{split}_csv"] for split in splits(hparams) if not hf_spec(hparams, split)}
     parts = [fingerprint(csvs, hparams["data_folder"], limits, charset)]
-    for split in SPLITS:
+    for split in splits(hparams):
         if hf_spec(hparams, split):
             name = (hparams.get("hf_splits") or {}).get(split, split)
             parts.append(hf_data.split_fingerprint(hf_spec(hparams, split), name, dict(hparams["hf_columns"]),
@@ -250,13 +271,13 @@ def _check_all(hparams, charset):
     rank, world = 0, 1
     if torch.distributed.is_initialized():  # the ranks are the parallel checkers: no forks beside CUDA and NCCL
         rank, world, workers = torch.distributed.get_rank(), torch.distributed.get_world_size(), 1
-    csvs = {split: hparams[f"{split}_csv"] for split in SPLITS if not hf_spec(hparams, split)}
+    csvs = {split: hparams[f"{split}_csv"] for split in splits(hparams) if not hf_spec(hparams, split)}
     bad = []
     if csvs:
         found = validate_manifests(csvs, hparams["data_folder"], limits, charset, workers, share=(rank, world))
         bad += ordered(_gather(found, world), csvs.values())
     empty = empty_splits(csvs, bad) if rank == 0 else []
-    for split in SPLITS:
+    for split in splits(hparams):
         if not hf_spec(hparams, split):
             continue
         dataset, columns = open_hf(hparams, split), dict(hparams["hf_columns"])
@@ -321,10 +342,12 @@ def training_plan(hparams, train_data, world_size, run_opts):
             **{**sampler_opts, "max_batch_length": per_rank, "num_buckets": None})
 
     plan = batches = refused = None
+    updates = None if run_opts.debug else update_budget(hparams)  # debug mode: its own epochs and batches
     try:
         plan, batches = make_plan(make_batches, sampler_opts["num_buckets"], hparams["global_batch_seconds"],
                                   sampler_opts["max_batch_length"], world_size, hparams["number_of_epochs"],
-                                  hparams["global_batch_tolerance"], hparams["max_duration"])
+                                  hparams["global_batch_tolerance"], hparams["max_duration"],
+                                  updates)
     except ConfigError as error:
         if not compare:
             raise
@@ -333,8 +356,9 @@ def training_plan(hparams, train_data, world_size, run_opts):
         plan.steps_per_epoch = [min(steps, run_opts.debug_batches) for steps in plan.steps_per_epoch]
         plan.steps_per_epoch = plan.steps_per_epoch[: run_opts.debug_epochs]
     if compare:
-        settings = {key: hparams[key] for key in ("batches_per_bucket", "global_batch_seconds", "number_of_epochs",
-                                                  "global_batch_tolerance", "max_duration")}
+        settings = {key: hparams.get(key) for key in ("batches_per_bucket", "global_batch_seconds", "number_of_epochs",
+                                                      "global_batch_tolerance", "max_duration")}
+        settings["updates"] = updates
         summary = plan_summary(dataset_ids(train_data), durations, {**settings, "sampler": sampler_opts},
                                plan, batches, refused)
         same_plan_on_every_rank(summary, hparams["manifest_check_file"])

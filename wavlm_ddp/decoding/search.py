@@ -116,9 +116,10 @@ def check_search(search):
             raise ConfigError(f"test_search: {key}={value!r} is not a number")
 
 
-def check_decoding(search, lm_text, charset):
-    """Before training: the settings, the LM file (or the text to build it from),
-    the LM's words against the training transcripts' characters, the lexicon file."""
+def check_decoding(search, lm_text, charset, lm_url=None):
+    """Before training: the settings, the LM file (or the text to build it from, or the
+    URL to fetch it from), the LM's words against the training transcripts' characters,
+    the lexicon file."""
     check_search(search)
     if search["mode"] == "greedy":
         return
@@ -136,6 +137,8 @@ def check_decoding(search, lm_text, charset):
                               "output): set lexicon, or lm_path")
         return
     if not Path(lm_path).is_file():
+        if lm_url:
+            return  # fetched before training; its words are checked when the decoder reads them
         if lm_text is None or not Path(lm_text).is_file():
             raise ConfigError(f"lm_path={lm_path} does not exist and lm_text={lm_text} cannot build it: point "
                               "lm_path at an ARPA or KenLM binary file, set lm_text to a manifest or text file, "

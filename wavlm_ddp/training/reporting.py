@@ -16,14 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from speechbrain.utils.distributed import main_process_only
-
+from wavlm_ddp.distributed import on_main_process
 from wavlm_ddp.preflight import ConfigError
 from wavlm_ddp.training.curves import append_history, plot_history
 
 
-class WriteFailed(Exception):
-    """A file write of the main process failed; the message is the line every rank raises."""
+class WriteFailed(ConfigError):
+    """A file write of the main process failed; the message is the line every rank raises
+    (distributed.on_main_process)."""
 
 
 @contextmanager
@@ -53,37 +53,6 @@ def appending(path):
         except OSError:
             _cut_back(path, size)
             raise
-
-
-def on_main_process(write):
-    """Run `write()` on the main process only; a WriteFailed there is raised on every
-    rank as the same ConfigError. Every rank must call it: the outcome goes to every
-    rank in one broadcast (SpeechBrain's main_process_only, which also keeps the
-    loggers that `write` calls from broadcasting on the main process alone). Any
-    other exception of `write` still reaches that broadcast: the main process raises
-    it with its traceback, the other ranks a RuntimeError that names it."""
-    raised = None
-
-    def attempt():
-        nonlocal raised
-        try:
-            write()
-        except WriteFailed as failed:
-            return "refused", str(failed)
-        except Exception as error:  # noqa: BLE001 - raised below, after the broadcast
-            raised = error
-            return "raised", f"{type(error).__name__}: {error}"
-        return None
-
-    outcome = main_process_only(attempt)()
-    if outcome is None:
-        return
-    kind, text = outcome
-    if kind == "refused":
-        raise ConfigError(text)
-    if raised is not None:
-        raise raised
-    raise RuntimeError(f"the main process failed while writing the reports: {text}")
 
 
 def global_sum(value):
@@ -117,10 +86,12 @@ def gather_eval_stats(metrics, loss_sum, count):
     return loss_sum / max(count, 1)
 
 
-def append_step_row(path, step, epoch, optimizers, encoder_frozen, loss):
+def append_step_row(path, step, epoch, optimizers, encoder_frozen, loss, fingerprint=0):
     """One row of `train_steps_file`: the step the schedules used, its learning
-    rates, whether the encoder trained, rank 0's loss (the header first). Every
-    rank calls it, the main process writes (one broadcast of a few bytes a step)."""
+    rates, whether the encoder trained, rank 0's loss, and the fingerprint of the
+    step's global batch (the sum of its utterance IDs' CRC-32, NonFiniteGuard.agree:
+    equal rows, equal utterances, on any world size); the header first. Every rank
+    calls it, the main process writes (one broadcast of a few bytes a step)."""
     path = Path(path)
 
     def write():
@@ -130,9 +101,9 @@ def append_step_row(path, step, epoch, optimizers, encoder_frozen, loss):
                 writer = csv.writer(f)
                 if new:
                     writer.writerow(["step", "epoch", *(f"lr_{n}" for n in optimizers), "encoder_frozen",
-                                     "loss_rank0"])
+                                     "loss_rank0", "batch_ids_crc_sum"])
                 writer.writerow([step, epoch, *(f"{o.param_groups[0]['lr']:.6e}" for o in optimizers.values()),
-                                 int(encoder_frozen), f"{float(loss):.4f}"])
+                                 int(encoder_frozen), f"{float(loss):.4f}", fingerprint])
 
     on_main_process(write)
 
@@ -187,29 +158,36 @@ def report_test(brain, stats):
     Every rank calls it (the decoding time is summed over ranks); the main process
     writes (on_main_process)."""
     details = brain.wer_metric
-    line = f"test WER {stats['WER']} %, CER {stats['CER']} %, greedy"
+    name = getattr(brain, "test_set", "test")  # "test", or one of the more_test_sets
+    wer_file = Path(brain.hparams.test_wer_file)
+    if name != "test":
+        wer_file = wer_file.with_name(f"wer_{name}.txt")
+    line = f"{name} WER {stats['WER']} %, CER {stats['CER']} %, greedy"
     if brain.searching:
         decoder = brain.test_decoder
         decode_seconds, audio = global_sum(brain.decode_seconds), global_sum(brain.test_audio_seconds)
         stats.update({"search_WER": round(brain.search_wer.summarize("error_rate"), 2),
                       "search_CER": round(brain.search_cer.summarize("error_rate"), 2),
                       "decode_seconds": round(decode_seconds, 2)})
+        words, oov = global_sum(brain.test_words), global_sum(brain.test_oov)
+        stats["OOV_percent"] = round(100 * oov / max(words, 1), 2)
         lm = "LM " + Path(decoder.lm_path).name if decoder.lm_path else "no LM"
-        line += (f"\ntest WER {stats['search_WER']} %, CER {stats['search_CER']} %, beam search "
+        line += (f"\n{name} WER {stats['search_WER']} %, CER {stats['search_CER']} %, beam search "
                  f"{decoder.beam_size} + {lm} (lm_weight {decoder.lm_weight:g}, word_score "
-                 f"{decoder.word_score:g}): decoding {decode_seconds:.2f} s for {audio:.0f} s of "
+                 f"{decoder.word_score:g}; {stats['OOV_percent']:g} % of the {name} words are not in its "
+                 f"lexicon): decoding {decode_seconds:.2f} s for {audio:.0f} s of "
                  f"audio (real-time factor {decode_seconds / max(audio, 1e-9):.4f})")
         details = brain.search_wer
 
     def write():
         with appending(brain.hparams.train_logger.save_file):
             brain.hparams.train_logger.log_stats(
-                stats_meta={"Epoch loaded": brain.hparams.epoch_counter.current}, test_stats=stats
+                stats_meta={"Epoch loaded": brain.hparams.epoch_counter.current, "test set": name}, test_stats=stats
             )
-        with writing(brain.hparams.test_wer_file):
-            with open(brain.hparams.test_wer_file, "w") as w:
+        with writing(wer_file):
+            with open(wer_file, "w") as w:
                 details.write_stats(w)
-        print(f"{line}\ndetails in {brain.hparams.test_wer_file}", flush=True)
+        print(f"{line}\ndetails in {wer_file}", flush=True)
 
     on_main_process(write)
     brain.test_stats = stats

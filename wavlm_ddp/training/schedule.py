@@ -54,6 +54,20 @@ class TrainingPlan:
                 f"(batches hold {self.mean_step_seconds:.1f} s of it on average); {per_epoch} optimizer "
                 f"steps per epoch x {len(self.steps_per_epoch)} epochs = {self.total_steps} optimizer steps")
 
+    def describe_budget(self, updates=None, speed=None, speed_source=""):
+        """What the run costs: its optimizer steps (against the update budget when one is
+        set), the audio it sees, and at `speed` (audio seconds per second per GPU,
+        measured) the GPU-hours, and the hours on this run's GPUs."""
+        audio_hours = self.total_steps * self.mean_step_seconds / 3600
+        asked = f" (update budget {updates}: the fewest whole epochs that reach it)" if updates else ""
+        line = (f"run: {self.total_steps} optimizer steps{asked} x {self.mean_step_seconds:.1f} s = "
+                f"{audio_hours:,.0f} h of audio seen")
+        if speed:
+            gpu_hours = audio_hours / speed  # audio-hours per hour of one GPU
+            line += (f"; at {speed:,.0f} audio-s/s per GPU ({speed_source}) about {gpu_hours:,.1f} GPU-hours, "
+                     f"{gpu_hours / self.world_size:,.1f} h on {self.world_size} GPU(s)")
+        return line
+
 
 def length_buckets(durations, num_buckets, per_rank, batches_per_bucket):
     """Bucket boundaries (seconds) for the duration-batched sampler: quantiles of
@@ -70,10 +84,12 @@ def length_buckets(durations, num_buckets, per_rank, batches_per_bucket):
 
 
 def make_plan(make_batches, num_buckets, global_seconds, max_batch_length, world_size, epochs, tolerance,
-              max_duration):
+              max_duration, updates=None):
     """The plan and the batches, from `make_batches(per_rank_seconds, num_buckets)`
-    (a DynamicBatchSampler factory); raises ConfigError when the run cannot reach its
-    global batch within `tolerance` (a fraction), naming fixes that would reach it."""
+    (a DynamicBatchSampler factory), over `epochs`, or with `updates` (an update
+    budget in optimizer steps) over the fewest whole epochs that reach it; raises
+    ConfigError when the run cannot reach its global batch within `tolerance` (a
+    fraction), naming fixes that would reach it."""
     accumulation, per_rank = derive_accumulation(global_seconds, max_batch_length, world_size)
     group = world_size * accumulation
     if max_duration and per_rank < max_duration:
@@ -83,9 +99,11 @@ def make_plan(make_batches, num_buckets, global_seconds, max_batch_length, world
             f"at least {world_size * max_duration:g}, or run on fewer GPUs")
     batches = make_batches(per_rank, num_buckets)
     steps_per_epoch = []
-    for epoch in range(1, epochs + 1):
-        batches.set_epoch(epoch)
+    while len(steps_per_epoch) < epochs if updates is None else sum(steps_per_epoch) < updates:
+        batches.set_epoch(len(steps_per_epoch) + 1)
         steps_per_epoch.append(len(batches) // group)
+        if steps_per_epoch[0] == 0:
+            break
     if steps_per_epoch[0] == 0:
         raise ConfigError(
             f"the training set makes {len(batches)} batches of up to {per_rank:g} s, fewer than the "
@@ -283,13 +301,34 @@ def learning_rate(step, total_steps, peak, warmup, hold, final_ratio, decay="exp
     return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+COUNTED_FROM = ("unfreeze", "run")
+
+
+def schedule_start(name, cfg, freeze_encoder):
+    """Where optimizer `name`'s schedule starts (a fraction of the run): the encoder's
+    where it unfreezes (`counted_from: unfreeze`, the default), or at step 0 with the
+    head's (`counted_from: run`, fairseq's one tri-stage for every parameter: a frozen
+    encoder joins its schedule where it stands)."""
+    if name == "wavlm" and cfg.get("counted_from", "unfreeze") == "unfreeze":
+        return freeze_encoder
+    return 0.0
+
+
+def curve(cfg):
+    """The keys of an lr block that shape its curve (learning_rate's arguments)."""
+    return {key: value for key, value in cfg.items() if key != "counted_from"}
+
+
 def describe_schedule(total_steps, lr, freeze_encoder):
     """One line per optimizer: the schedule in optimizer steps."""
     lines = []
     for name, cfg in lr.items():
-        start = freeze_encoder if name == "wavlm" else 0.0
+        start = schedule_start(name, cfg, freeze_encoder)
         first, warm_end, hold_end = schedule_steps(total_steps, start, cfg["warmup"], cfg["hold"])
-        parts = [f"frozen for steps 0-{first - 1}"] if first > 0 else []
+        frozen = round(freeze_encoder * total_steps) if name == "wavlm" else 0
+        parts = [f"frozen for steps 0-{max(first, frozen) - 1}"] if max(first, frozen) > 0 else []
+        if frozen > first:  # counted_from: run: the schedule runs on while the encoder is frozen
+            parts[0] += " (its schedule runs from step 0)"
         if warm_end > first:
             parts.append(f"warm-up to {cfg['peak']:g} over steps {first}-{warm_end - 1}")
         if hold_end > warm_end:
@@ -300,8 +339,27 @@ def describe_schedule(total_steps, lr, freeze_encoder):
     return lines
 
 
+def update_budget(hparams):
+    """The run's length in optimizer updates, `update_budgets[update_budget]` (the YAML
+    names its budgets: the published run's and a quick one), or None: number_of_epochs
+    decides (no update_budget key, or a budget of null)."""
+    name = hparams.get("update_budget")
+    if name is None:
+        return None
+    budgets = hparams.get("update_budgets") or {}
+    if name not in budgets:
+        raise ConfigError(f"update_budget={name!r} is not one of the YAML's update_budgets "
+                          f"({', '.join(map(str, budgets)) or 'none'}): set --update_budget={next(iter(budgets), 'null')}")
+    value = budgets[name]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"update_budgets: {name}: {value!r} is not a number of optimizer updates >= 1 (null: "
+                          "number_of_epochs decides): fix it in the YAML")
+    return value
+
+
 def check_schedule(hparams):
     """The global batch and schedule keys, before anything is built."""
+    update_budget(hparams)
     for old in ("freeze_encoder_steps",):
         if old in hparams:
             raise ConfigError(f"{old} is gone: schedules are fractions of the run now; set --freeze_encoder "
@@ -325,7 +383,10 @@ def check_schedule(hparams):
             if not _fraction(cfg.get(key)):
                 raise ConfigError(f"lr: {name}: {key}={cfg.get(key)!r} is not a fraction in [0, 1]: "
                                   "fix it in the YAML's lr block")
-        start = hparams["freeze_encoder"] if name == "wavlm" else 0.0
+        if cfg.get("counted_from", "unfreeze") not in COUNTED_FROM:
+            raise ConfigError(f"lr: {name}: counted_from={cfg.get('counted_from')!r} is not one of "
+                              f"{', '.join(COUNTED_FROM)}: fix it in the YAML's lr block")
+        start = schedule_start(name, cfg, hparams["freeze_encoder"])
         if start + cfg["warmup"] + cfg["hold"] > 1.0 + 1e-9:
             raise ConfigError(f"lr: {name}: start {start:g} + warmup {cfg['warmup']:g} + hold {cfg['hold']:g} "
                               "exceed the whole run (1.0): shorten warmup or hold in the YAML's lr block")
