@@ -271,6 +271,8 @@ def hold_output_folder(hparams):
             lock.acquire()
         except ConfigError as held:
             error = str(held)
+        except OSError as failed:  # the folder cannot be made or written: one line on every rank too
+            error = f"could not take output_folder={hparams['output_folder']} ({failed}): fix its path or permissions"
     error = ddp_broadcast(error)
     if error:
         raise ConfigError(error)
@@ -300,11 +302,19 @@ def decide_output_folder(hparams, hparams_file, overrides, flags, test_only, loc
     decision, error = ddp_broadcast((decision, error))
     if error:
         raise ConfigError(error)
-    if decision == "overwrite" and if_main_process():
-        shutil.rmtree(hparams["output_folder"])
-        logger.warning(f"--overwrite=True: deleted {hparams['output_folder']}")
-        if lock is not None:
-            lock.acquire()  # the hold went with the folder
+
+    def overwrite_folder():
+        try:
+            shutil.rmtree(hparams["output_folder"])
+            logger.warning(f"--overwrite=True: deleted {hparams['output_folder']}")
+            if lock is not None:
+                lock.acquire()  # the hold went with the folder
+        except OSError as failed:
+            raise ConfigError(f"--overwrite=True could not replace output_folder={hparams['output_folder']} "
+                              f"({failed}): fix its permissions, or choose another --output_folder") from None
+
+    if decision == "overwrite":
+        on_main_process(overwrite_folder)  # every rank: a failure is one line on each
     ddp_barrier()
 
 

@@ -109,3 +109,23 @@ def test_demo_corpus_is_real_mono_speech_with_disjoint_splits():
             assert np.abs(audio).max() > 0.05  # not silence
     size = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file())
     assert size < 10 * 1024 * 1024
+
+
+@pytest.mark.parametrize("sets", [["/d/test.csv"], ["/d/a b.csv"], [None], ["/d/train_text.csv"],
+                                  ["/a/other.csv", "/b/other.csv"], {"other": "/d/other.csv"}])
+def test_a_more_test_sets_entry_that_is_no_manifest_of_its_own_is_one_line(sets):
+    from wavlm_ddp.data.pipeline import add_test_sets
+    from wavlm_ddp.preflight import ConfigError
+
+    hparams = {"more_test_sets": sets, "train_text_data": None, "train_text_csv": "other.csv"}
+    with pytest.raises(ConfigError, match=r"^more_test_sets.* set --more_test_sets='\[/data/test-other.csv\]'"):
+        add_test_sets(hparams)
+
+
+def test_more_test_sets_become_splits_named_by_their_files_and_read_like_test():
+    from wavlm_ddp.data.pipeline import add_test_sets, splits
+
+    hparams = {"more_test_sets": ["/data/test-other.csv"]}
+    add_test_sets(hparams)
+    assert splits(hparams) == ("train", "valid", "test", "test-other")
+    assert hparams["test-other_csv"] == "/data/test-other.csv"

@@ -7,7 +7,8 @@ uninterrupted, and again interrupted at every place a cluster can interrupt it:
     torchrun, the workers in their own sessions, their DataLoader processes) while the
     checks run: it stops with nothing to save;
   - rank 1 frozen (SIGSTOP) after the first checkpoint: rank 0's watchdog ends it after
-    hang_timeout_minutes, torchrun (--max-restarts 2) restarts the group from that checkpoint;
+    hang_timeout_minutes, torchrun (--max-restarts 2) restarts the group from that checkpoint
+    (rank 1 thawed once the watchdog fired, which spares torchrun's 30 s grace for it);
   - rank 1 killed (SIGKILL) right after the end-of-epoch-1 checkpoint: torchrun restarts
     the group from it;
   - SIGTERM to every process mid-epoch 2: a checkpoint at the next optimizer step, exit 75;
@@ -209,7 +210,12 @@ def interrupted(corpus):
     process, out, log_path = start(corpus, "interrupted", "interrupted")
     wait_for(lambda: (out / "save").is_dir() and any((out / "save").glob("CKPT+*/CKPT.yaml")), process, log_path,
              poll=0.05)
-    os.kill(trainer_pid(out, rank=1), signal.SIGSTOP)  # frozen: rank 0 waits for it in a collective
+    frozen = trainer_pid(out, rank=1)
+    os.kill(frozen, signal.SIGSTOP)  # frozen: rank 0 waits for it in a collective
+    wait_for(lambda: "watchdog: rank 0" in log_path.read_text(), process, log_path)
+    # Thawed once rank 0's watchdog has ended the group: torchrun's SIGTERM then ends it at once,
+    # where a process that stays stopped costs torchrun's 30 s grace before its SIGKILL.
+    os.kill(frozen, signal.SIGCONT)
     wait_for(lambda: "resumed from checkpoint" in log_path.read_text(), process, log_path)
     wait_for(lambda: (out / "save").is_dir() and end_of_epoch_checkpoints(out), process, log_path, poll=0.05)
     os.kill(trainer_pid(out, rank=1), signal.SIGKILL)

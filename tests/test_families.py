@@ -147,7 +147,7 @@ def test_each_familys_yaml_trains_with_synced_layerdrop_and_exports_to_its_own_c
     code, stdout, err = run_train(
         capsys, f"hparams/{recipe}.yaml", f"--wavlm_source={source}", f"--data_folder={DEMO}", "--prepare_data=null",
         f"--train_csv={DEMO / 'train.csv'}", f"--valid_csv={DEMO / 'valid.csv'}", f"--test_csv={DEMO / 'test.csv'}",
-        "--max_duration=10.0", "--global_batch_seconds=24",
+        "--more_test_sets=[]", "--max_duration=10.0", "--global_batch_seconds=24",
         "--dynamic_batch_sampler={max_batch_length: 24.0, num_buckets: 10}",
         "--train_dataloader_opts={num_workers: 0}", "--valid_dataloader_opts={num_workers: 0}",
         "--precision=fp32", "--layerdrop=0.5", "--debug", "--debug_batches=3", "--debug_epochs=1",

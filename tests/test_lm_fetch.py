@@ -42,19 +42,33 @@ def test_a_file_url_is_fetched_once_unpacked_and_checked(packed_lm, tmp_path):
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves `payload` at any path, honouring `Range: bytes=N-` (206) as servers do;
-    records the Range headers it was sent."""
-    payload, ranges = b"", []
+    """Serves `payload` at any path, honouring `Range: bytes=N-` as servers do (206, or 416
+    past the end); records the Range headers it was sent; with `cut_after` set, the first
+    reply stops after that many bytes of its body (a lost connection)."""
+    payload, ranges, cut_after = b"", [], None
 
     def do_GET(self):
         wanted = self.headers.get("Range")
         self.ranges.append(wanted)
+        if self.path.endswith("/missing.gz"):
+            self.send_error(404)
+            return
         start = int(wanted.split("=")[1].rstrip("-")) if wanted else 0
+        if start >= len(self.payload):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(self.payload)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = self.payload[start:]
         self.send_response(206 if wanted else 200)
         self.send_header("Content-Length", str(len(body)))
+        if wanted:
+            self.send_header("Content-Range", f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}")
         self.end_headers()
-        self.wfile.write(body)
+        cut, RangeHandler.cut_after = RangeHandler.cut_after, None
+        self.wfile.write(body if cut is None else body[:cut])
+        self.close_connection = True
 
     def log_message(self, *args):
         pass
@@ -62,7 +76,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(packed_lm):
-    RangeHandler.payload, RangeHandler.ranges = packed_lm[1].read_bytes(), []
+    RangeHandler.payload, RangeHandler.ranges, RangeHandler.cut_after = packed_lm[1].read_bytes(), [], None
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), RangeHandler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -98,3 +112,33 @@ def test_no_network_is_one_line_naming_the_url_and_the_way_around(tmp_path):
     assert line.endswith("download it on a machine with network and set --lm_path to the file (or run again to "
                          "continue the download)")
     assert not (tmp_path / "official.arpa").exists()
+
+
+def test_a_connection_lost_mid_download_is_one_line_and_the_next_run_continues_it(packed_lm, server, tmp_path):
+    arpa, packed, sha = packed_lm
+    dest = tmp_path / "official.arpa"
+    RangeHandler.cut_after = 1000
+    with pytest.raises(ConfigError, match=r"could not fetch .* run again to continue the download$"):
+        fetch(server, dest, sha, log=lambda line: None)
+    assert not dest.exists() and (tmp_path / "official.arpa.part").stat().st_size == 1000
+    fetch(server, dest, sha, log=lambda line: None)
+    assert RangeHandler.ranges == [None, "bytes=1000-"]
+    assert dest.read_bytes() == arpa.read_bytes() * 20
+
+
+def test_a_part_that_is_already_whole_is_finished_not_downloaded_again(packed_lm, server, tmp_path):
+    """A run killed after the last byte and before the check and the rename: the server
+    answers the next Range request with 416, and the part is checked and unpacked."""
+    arpa, packed, sha = packed_lm
+    dest = tmp_path / "official.arpa"
+    (tmp_path / "official.arpa.part").write_bytes(RangeHandler.payload)
+    fetch(server, dest, sha, log=lambda line: None)
+    assert RangeHandler.ranges == [f"bytes={len(RangeHandler.payload)}-"]
+    assert dest.read_bytes() == arpa.read_bytes() * 20
+
+
+def test_a_missing_file_on_the_server_names_the_http_error(server, tmp_path):
+    url = server.replace("4-gram.arpa.gz", "missing.gz")
+    with pytest.raises(ConfigError, match=r"could not fetch .*missing.gz \(HTTP 404 .*\): check the URL \(lm_url\)"):
+        fetch(url, tmp_path / "out" / "official.arpa", log=lambda line: None)
+    assert list((tmp_path / "out").iterdir()) == []

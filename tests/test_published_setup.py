@@ -142,3 +142,12 @@ def test_an_unknown_budget_stops_naming_the_ones_there_are():
     with pytest.raises(ConfigError, match=r"update_budget='long' is not one of the YAML's update_budgets "
                                           r"\(published, quick, epochs\): set --update_budget=published"):
         update_budget({**hparams_of("wavlm_large_ctc"), "update_budget": "long"})
+
+
+def test_a_budget_set_for_a_far_larger_corpus_stops_before_planning_thousands_of_epochs(monkeypatch):
+    from wavlm_ddp.training import schedule
+
+    monkeypatch.setattr(schedule, "step_audio", lambda batches, group: 20.0)
+    with pytest.raises(ConfigError, match=r"an update budget of 1000000 optimizer steps takes more than 5000 epochs "
+                                          r"of 5 steps on this training set: .* set --update_budget=quick"):
+        make_plan(lambda per_rank, buckets: Batches([10, 12]), 4, 20.0, 10.0, 2, 3, 0.25, None, 1_000_000)

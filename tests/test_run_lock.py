@@ -163,3 +163,14 @@ def test_the_lock_appears_whole_and_is_never_replaced_by_a_second_creation(tmp_p
         FolderLock(folder, 10)._create({**record, "run": "WAVLM_RUN_ID=second"})
     assert json.loads((folder / LOCK_NAME).read_text()) == record
     assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]
+
+
+def test_a_file_system_without_hard_links_stops_the_run_with_one_line(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with pytest.raises(ConfigError, match=r"could not take .*\.run-lock\.json \(Operation not permitted\): the output "
+                                          r"folder must be writable and its file system must support hard links"):
+        acquire_as(tmp_path / "run", {"WAVLM_RUN_ID": "first", "WAVLM_LAUNCHER_PID": ""})
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # nothing left beside it

@@ -30,7 +30,7 @@ def on_main_process(task):
             task()
         except ConfigError as refused:
             return "refused", str(refused)
-        except Exception as error:  # noqa: BLE001 - raised below, after the broadcast
+        except BaseException as error:  # noqa: BLE001 - raised below, after the broadcast (KeyboardInterrupt too)
             raised = error
             return "raised", f"{type(error).__name__}: {error}"
         return None

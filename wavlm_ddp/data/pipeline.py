@@ -5,6 +5,7 @@ HF dataset (`<split>_data`: parquet or a save_to_disk folder, data/hf.py)."""
 
 import collections
 import logging
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -38,8 +39,10 @@ SPLITS = ("train", "valid", "test")
 
 
 def more_test_sets(hparams):
-    """The test sets evaluated after `test` ({name: CSV manifest}, `more_test_sets`)."""
-    return dict(hparams.get("more_test_sets") or {})
+    """The test sets evaluated after `test`: {name: CSV manifest}, from `more_test_sets`,
+    a list of manifests, each named by its file's stem (test-other.csv: test-other). A
+    list, not a mapping: a command-line override replaces it whole (--more_test_sets=[])."""
+    return {Path(str(path)).stem: str(path) for path in hparams.get("more_test_sets") or []}
 
 
 def splits(hparams):
@@ -51,12 +54,19 @@ def splits(hparams):
 def add_test_sets(hparams):
     """Give each of the more_test_sets the key of a split's manifest (`<name>_csv`),
     so that the data check and the readers treat it as one; one line for a bad entry."""
-    for name, path in more_test_sets(hparams).items():
-        if not isinstance(name, str) or name in SPLITS or not name or not isinstance(path, (str, Path)):
-            raise ConfigError(f"more_test_sets: {name!r}: {path!r} is not a test set name (not train, valid or test) "
-                              "and a manifest path: set --more_test_sets='{test-other: /path/test-other.csv}', or {}")
+    entries = hparams.get("more_test_sets") or []
+    fix = "set --more_test_sets='[/data/test-other.csv]' (each set named by its file), or []"
+    if not isinstance(entries, (list, tuple)):
+        raise ConfigError(f"more_test_sets={entries!r} is not a list of manifests: {fix}")
+    names = [Path(str(path)).stem for path in entries]
+    for path, name in zip(entries, names):
+        if not isinstance(path, (str, Path)) or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in SPLITS \
+                or names.count(name) > 1 or f"{name}_data" in hparams \
+                or hparams.get(f"{name}_csv", str(path)) != str(path):
+            raise ConfigError(f"more_test_sets: {path!r} does not name a test set of its own (its file name, "
+                              f"{name!r}: letters, digits, '.', '_', '-'; not train, valid or test, not another "
+                              f"set's, not another key's prefix): {fix}")
         hparams[f"{name}_csv"] = str(path)
-_opened = {}  # (spec, hf split) -> the HF Dataset, opened once per process
 
 
 def hf_spec(hparams, split):
@@ -243,6 +253,9 @@ def _missing_source(hparams):
             except ConfigError as error:
                 return f"{split}_data: {error}"
         elif not Path(hparams[f"{split}_csv"]).is_file():
+            if split not in SPLITS:  # one of more_test_sets
+                return (f"more_test_sets: {hparams[f'{split}_csv']} does not exist: give the manifest, or set "
+                        "--more_test_sets=[] (your own data: list your own test sets there)")
             return f"{split}_csv={hparams[f'{split}_csv']} does not exist: set --{split}_csv to the manifest's path"
     return None
 

@@ -185,9 +185,15 @@ class FolderLock:
         beside it, then hard-linked to its name (a link never replaces a file, on NFS too),
         so that no reader ever sees the lock empty."""
         tmp = self.path.with_name(f"{LOCK_NAME}.{uuid.uuid4().hex}")
-        tmp.write_text(json.dumps(record))
         try:
+            tmp.write_text(json.dumps(record))
             os.link(tmp, self.path)
+        except FileExistsError:
+            raise
+        except OSError as error:
+            raise ConfigError(f"could not take {self.path} ({error.strerror or error}): the output folder must be "
+                              "writable and its file system must support hard links (the lock is one); choose "
+                              "another --output_folder") from None
         finally:
             tmp.unlink(missing_ok=True)
 

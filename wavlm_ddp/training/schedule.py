@@ -83,6 +83,11 @@ def length_buckets(durations, num_buckets, per_rank, batches_per_bucket):
     return sorted({float(q) for q in quantiles})  # each boundary a real duration
 
 
+# An update budget that takes more epochs than this on the training set was set for
+# another corpus (80,000 updates of 1,600 s are 356 epochs of train-clean-100).
+MAX_BUDGET_EPOCHS = 5000
+
+
 def make_plan(make_batches, num_buckets, global_seconds, max_batch_length, world_size, epochs, tolerance,
               max_duration, updates=None):
     """The plan and the batches, from `make_batches(per_rank_seconds, num_buckets)`
@@ -102,9 +107,14 @@ def make_plan(make_batches, num_buckets, global_seconds, max_batch_length, world
     while len(steps_per_epoch) < epochs if updates is None else sum(steps_per_epoch) < updates:
         batches.set_epoch(len(steps_per_epoch) + 1)
         steps_per_epoch.append(len(batches) // group)
-        if steps_per_epoch[0] == 0:
+        if steps_per_epoch[-1] == 0:
             break
-    if steps_per_epoch[0] == 0:
+        if updates is not None and len(steps_per_epoch) > MAX_BUDGET_EPOCHS:
+            raise ConfigError(
+                f"an update budget of {updates} optimizer steps takes more than {MAX_BUDGET_EPOCHS} epochs of "
+                f"{steps_per_epoch[0]} steps on this training set: it is the budget of a far larger corpus; set "
+                "--update_budget=quick, or --update_budget=epochs with --number_of_epochs")
+    if 0 in steps_per_epoch:
         raise ConfigError(
             f"the training set makes {len(batches)} batches of up to {per_rank:g} s, fewer than the "
             f"{group} one optimizer step needs: lower --global_batch_seconds (now {global_seconds:g})")
