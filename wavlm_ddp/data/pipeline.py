@@ -36,6 +36,7 @@ from wavlm_ddp.training.schedule import length_buckets, make_plan, plan_summary,
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
+_opened = {}  # (spec, hf split) -> the HF Dataset, opened once per process
 
 
 def more_test_sets(hparams):
