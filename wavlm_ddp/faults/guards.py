@@ -9,7 +9,6 @@ import socket
 import sys
 import threading
 import time
-
 import zlib
 
 import torch
@@ -44,8 +43,8 @@ class NonFiniteGuard:
         of three numbers (the stop request of preemption.py and the batch's fingerprint
         ride along). The fingerprint is a sum, so it does not depend on which rank or
         micro-batch held an utterance: summed over an optimizer step's micro-batches it
-        names the global batch alike on any world size. Below 2**53 it is exact in
-        float64: IDs of up to 2**20 utterances a micro-batch on every rank."""
+        names the global batch alike on any world size. It is exact in float64 below 2**53:
+        up to 2**21 utterances in a micro-batch over all ranks."""
         fingerprint = float(sum(zlib.crc32(str(i).encode()) for i in ids))
         flags = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0, float(stop_requested), fingerprint],
                              dtype=torch.float64, device=collective_device())
