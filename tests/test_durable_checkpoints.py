@@ -188,6 +188,18 @@ def test_the_checkpoint_of_a_training_run_reads_back_whole_file_by_file(caplog):
     assert sorted(checkpoint.paramfiles) == sorted(set(checkpointer.recoverables) - {"random_states"})
 
 
+def recovered_after_damage(two_checkpoints, tmp_path, caplog, file, damage):
+    """A copy of the two checkpoints with `file` of the newest damaged, recovered: the one
+    before loads. Returns (the copy's save folder, the newest checkpoint's name)."""
+    folder, first, second = two_checkpoints
+    save = tmp_path / "save"
+    shutil.copytree(folder, save)
+    damage(save / second / file)
+    with caplog.at_level(logging.WARNING):
+        assert recover(save) == (first, [1.0])
+    return save, second
+
+
 @pytest.mark.parametrize("file,damage", [
     ("model.ckpt", emptied),
     ("model.ckpt", cut_to_3_bytes),
@@ -201,24 +213,14 @@ def test_the_checkpoint_of_a_training_run_reads_back_whole_file_by_file(caplog):
 ])
 def test_a_damaged_file_of_the_newest_checkpoint_makes_the_one_before_load(two_checkpoints, tmp_path, caplog,
                                                                             file, damage):
-    folder, first, second = two_checkpoints
-    save = tmp_path / "save"
-    shutil.copytree(folder, save)
-    damage(save / second / file)
-    with caplog.at_level(logging.WARNING):
-        assert recover(save) == (first, [1.0])
+    save, second = recovered_after_damage(two_checkpoints, tmp_path, caplog, file, damage)
     named = f"{file} (missing)" if damage is deleted else file
     assert f"Checkpoint {save / second} is damaged ({named} do(es) not load): skipped for the next one" in caplog.text
 
 
 def test_a_newest_checkpoint_whose_meta_file_is_emptied_is_skipped_for_the_one_before(two_checkpoints, tmp_path,
                                                                                       caplog):
-    folder, first, second = two_checkpoints
-    save = tmp_path / "save"
-    shutil.copytree(folder, save)
-    emptied(save / second / METAFNAME)
-    with caplog.at_level(logging.WARNING):
-        assert recover(save) == (first, [1.0])
+    save, second = recovered_after_damage(two_checkpoints, tmp_path, caplog, METAFNAME, emptied)
     assert f"Checkpoint {save / second} is damaged ({METAFNAME} does not load" in caplog.text
 
 
