@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from ddp_worker import results_of, spawn_scenarios
+from ddp_worker import results_of
 from wavlm_ddp.encoder.layerdrop import layerdrop_schedule
 from wavlm_wrapper import SpeechEncoder
 
@@ -32,16 +32,20 @@ NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory):
-    """{family: its tiny model's folder}."""
+def make_family_models(folder):
+    """{family: its tiny model's folder below `folder`}, the same weights on every call."""
     dirs = {}
     for name, fields in FAMILIES.items():
         fields = dict(fields)
-        dirs[name] = tmp_path_factory.mktemp(name)
+        dirs[name] = folder / name
         torch.manual_seed(0)
         AutoModel.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields)).save_pretrained(dirs[name])
     return dirs
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    return make_family_models(tmp_path_factory.mktemp("families"))
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -54,12 +58,17 @@ def family_dir(family, family_dirs):
     return family_dirs[family]
 
 
+def two_rank_plan(base, tiny_wavlm_dir):
+    """Every family trained by 2 ranks with synced LayerDrop 0.5 (run in conftest's one
+    2-rank spawn for the whole suite, conftest.two_rank_scenarios)."""
+    return {name: ("train", dict(model_dir=str(folder), steps=STEPS, batch_per_rank=2, layerdrop=0.5, mode="synced",
+                                 find_unused=True))
+            for name, folder in make_family_models(base).items()}
+
+
 @pytest.fixture(scope="module")
-def synced_runs(family_dirs, tmp_path_factory):
-    """Every family trained by 2 ranks with synced LayerDrop 0.5, in one 2-rank spawn."""
-    return spawn_scenarios({name: ("train", dict(model_dir=str(folder), steps=STEPS, batch_per_rank=2, layerdrop=0.5,
-                                                 mode="synced", find_unused=True))
-                            for name, folder in family_dirs.items()}, tmp_path_factory.mktemp("synced_runs"))
+def synced_runs(two_rank_scenarios):
+    return two_rank_scenarios[__name__][1]
 
 
 def padded_batch(lengths, seed=0):

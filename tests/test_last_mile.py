@@ -223,14 +223,14 @@ def test_unreadable_files_are_named_on_stderr_and_every_other_file_is_transcribe
     assert "Traceback" not in result.stderr and "3 of 6 file(s) could not be transcribed" in result.stderr
 
 
-def test_a_five_minute_file_is_transcribed_with_beam_search_in_windows(trained, finished_run, tmp_path, monkeypatch):
+def test_a_two_minute_file_is_transcribed_with_beam_search_in_windows(trained, finished_run, tmp_path, monkeypatch):
     """Read in windows (too long for one batch of --batch_seconds), joined, and decoded
     once by the beam search over the whole file's frames: its words are whole lexicon
     words, whatever falls on a window edge. (That the joined windows give exactly the
     whole file's frames: the test above.)"""
-    audio, rows = concatenated(trained, "train", 160)
-    assert len(audio) / 16000 >= 300
-    long_file = tmp_path / "five_minutes.wav"
+    audio, rows = concatenated(trained, "train", 66)
+    assert len(audio) / 16000 >= 120
+    long_file = tmp_path / "two_minutes.wav"
     sf.write(long_file, audio.numpy(), 16000)
     searched, decode = [], inference.Transcriber.decode
 
@@ -240,7 +240,7 @@ def test_a_five_minute_file_is_transcribed_with_beam_search_in_windows(trained, 
 
     monkeypatch.setattr(inference.Transcriber, "decode", recorded)
     [(name, text)], failed = transcribe_main([str(finished_run[0]), str(long_file), "--beam", "--batch_seconds",
-                                              "60"])
+                                              "30"])
     assert failed == {}
     assert [tuple(shape[:2]) for shape in searched] == [(1, trained.frame_count(torch.tensor([len(audio)])).item())]
     vocabulary = {w for r in csv.DictReader(open(DEMO / "train.csv", newline="")) for w in r["wrd"].split()}

@@ -1,22 +1,23 @@
 """LayerDrop under DDP on 2 CPU gloo processes: the original failure, the
 supported configurations, and exact equivalence with single-process training.
-Every scenario runs in one 2-rank spawn (ddp_worker.scenarios), shared by the tests."""
+Every scenario runs in the suite's one 2-rank spawn (conftest.two_rank_scenarios), shared by the tests."""
 
 import pytest
 import torch
 
-from ddp_worker import results_of, spawn_scenarios, train
+from ddp_worker import results_of, train
 from wavlm_ddp.preflight import REDUCTION_ERROR
 from wavlm_ddp.encoder.layerdrop import layerdrop_schedule
 
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_wavlm_dir, tmp_path_factory):
+def two_rank_plan(base, tiny_wavlm_dir):
+    """This module's 2-rank scenarios (run in conftest's one 2-rank spawn for the whole
+    suite, conftest.two_rank_scenarios; this module's come last there)."""
     model = str(tiny_wavlm_dir)
     trained = dict(model_dir=model, steps=STEPS, batch_per_rank=2)
-    return spawn_scenarios({
+    return {
         "synced": ("train", dict(trained, layerdrop=0.5, mode="synced", find_unused=True)),
         "independent": ("train", dict(trained, layerdrop=0.5, mode="independent", find_unused=True)),
         "layerdrop0-no-find-unused": ("train", dict(trained, layerdrop=0.0, mode="synced", find_unused=False)),
@@ -27,7 +28,12 @@ def runs(tiny_wavlm_dir, tmp_path_factory):
         "hf_layerdrop": ("stock_hf_with_layerdrop", dict(model_dir=model, layerdrop=0.9)),
         "hf_no_layerdrop_no_masks": ("stock_hf_with_layerdrop", dict(model_dir=model, layerdrop=0.0,
                                                                      spec_augment=False)),
-    }, tmp_path_factory.mktemp("layerdrop_ddp"))
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(two_rank_scenarios):
+    return two_rank_scenarios[__name__][1]
 
 
 def test_hf_layerdrop_without_find_unused_parameters_dies_with_the_reduction_error(runs):
