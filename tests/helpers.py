@@ -38,6 +38,24 @@ def run_train(capsys, *args):
     """train.py's command in this process (its own entry, `train.run`, from the project
     root): (exit status, stdout, stderr). Logging goes to the captured stdout, as in
     the command. Saves a process start (about 10 s of imports) per run."""
+    code = _train_in_root(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_train_captured(*args):
+    """run_train where pytest's capsys is not at hand (a module-scoped fixture): the
+    output collected here instead, (exit status, stdout, stderr)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = _train_in_root(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _train_in_root(args):
     import logging
     import os
     import sys
@@ -50,11 +68,9 @@ def run_train(capsys, *args):
     os.chdir(root)
     try:
         logging.getLogger().handlers = [logging.StreamHandler(sys.stdout)]
-        code = train.run(list(args))
+        return train.run(list(args))
     finally:
         os.chdir(before)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def hf_copies(folder, manifests, data_folder):

@@ -4,7 +4,6 @@ import copy
 import csv
 import gzip
 import hashlib
-import os
 import sys
 import re
 import subprocess
@@ -27,6 +26,7 @@ from wavlm_ddp.preflight import ConfigError
 from wavlm_ddp import inference
 from wavlm_ddp.inference import ExportedModel, TrainedModel
 from wavlm_ddp.transcribe import main as transcribe_main
+from helpers import run_train_captured
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo_data"
@@ -80,18 +80,17 @@ def finished_run(tmp_path_factory):
     (tmp / "train.csv").write_text("\n".join(lines[: TRAIN_ROWS + 1]) + "\n")
     build_lm([str(tmp / "train.csv")], str(tmp / "lm.arpa"), order=3)
     (tmp / "lm.arpa.gz").write_bytes(gzip.compress((tmp / "lm.arpa").read_bytes()))
-    command = [sys.executable, str(ROOT / "train.py"), f"--output_folder={out}", f"--wavlm_source={tmp / 'wavlm-small'}",
+    command = [f"--output_folder={out}", f"--wavlm_source={tmp / 'wavlm-small'}",
                f"--train_csv={tmp / 'train.csv'}", "--number_of_epochs=2", "--global_batch_seconds=12",
                "--global_batch_tolerance=0.5",  # a small sample fills batches less well
                f"--lm_url={(tmp / 'lm.arpa.gz').as_uri()}",
                f"--lm_sha256={hashlib.sha256((tmp / 'lm.arpa.gz').read_bytes()).hexdigest()}",
                "--use_tensorboard=True", "--noprogressbar"]
     log = ""
-    for extra in ([], ["--test_only"]):
-        result = subprocess.run(command + extra, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert result.returncode == 0, result.stderr[-3000:]
-        log += result.stdout + result.stderr
+    for extra in ([], ["--test_only"]):  # in this process (helpers.run_train_captured): two process starts saved
+        code, stdout, stderr = run_train_captured(*command, *extra)
+        assert code == 0, (stdout + stderr)[-3000:]
+        log += stdout + stderr
         if not extra:
             emit_text(out)
     return out, log
