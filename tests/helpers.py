@@ -56,6 +56,9 @@ def run_train_captured(*args):
 
 
 def _train_in_root(args):
+    """train.run(args) from the project root, leaving this process as it found it: the
+    working folder, the root logger (SpeechBrain points it at the run's log file),
+    sys.excepthook and the environment variables SpeechBrain sets."""
     import logging
     import os
     import sys
@@ -64,13 +67,23 @@ def _train_in_root(args):
     import train
 
     root = Path(__file__).resolve().parents[1]
-    before = Path.cwd()
+    before, environ, hook = Path.cwd(), dict(os.environ), sys.excepthook
+    logger = logging.getLogger()
+    handlers, level = logger.handlers, logger.level
     os.chdir(root)
     try:
-        logging.getLogger().handlers = [logging.StreamHandler(sys.stdout)]
+        logger.handlers = [logging.StreamHandler(sys.stdout)]
         return train.run(list(args))
     finally:
         os.chdir(before)
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.handlers, sys.excepthook = handlers, hook
+        logger.setLevel(level)
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update({key: value for key, value in environ.items() if os.environ.get(key) != value})
 
 
 def hf_copies(folder, manifests, data_folder):

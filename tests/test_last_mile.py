@@ -85,7 +85,8 @@ def finished_run(tmp_path_factory):
                "--global_batch_tolerance=0.5",  # a small sample fills batches less well
                f"--lm_url={(tmp / 'lm.arpa.gz').as_uri()}",
                f"--lm_sha256={hashlib.sha256((tmp / 'lm.arpa.gz').read_bytes()).hexdigest()}",
-               "--use_tensorboard=True", "--noprogressbar"]
+               "--use_tensorboard=True", "--noprogressbar",
+               "--hang_timeout_minutes=10"]  # in this process: a hang ends the pytest worker with the stacks
     log = ""
     for extra in ([], ["--test_only"]):  # in this process (helpers.run_train_captured): two process starts saved
         code, stdout, stderr = run_train_captured(*command, *extra)
