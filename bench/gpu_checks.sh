@@ -56,7 +56,7 @@ else
     long=(--batch 4 --seconds 30)
     parity=()
     probe=()
-    variants="stock,peer,fast+compile,fast+compile+cnn,ceiling+cnn"
+    variants="stock,peer,fast+compile,fast+compile+cnn,triton,triton+cnn,ceiling+cnn"
     best=fast+compile+cnn
     device=cuda
 fi
@@ -85,7 +85,14 @@ fi
 step bench_8x15 230 python3 bench/throughput.py "${common[@]}" "${size[@]}" "${model[@]}" "${flex[@]}" \
     --variants "$variants" --profile "$out/profile.txt" --out "$out/bench_8x15.json"
 
-# 2. Parity with stock HF in fp32: outputs and gradients of every path (flex: on CUDA only).
+# 2. The Triton kernel against the materialised bias (fp32, and bf16 on a GPU: Triton's interpreter
+#    has no bf16 dot products), then parity with stock HF in fp32: outputs and gradients of every
+#    path (flex: on CUDA only).
+if [[ "$mode" == "--cpu" ]]; then
+    step gated_parity 100 env TRITON_INTERPRET=1 python3 bench/gated_parity.py --tiny --repeats 1
+else
+    step gated_parity 60 python3 bench/gated_parity.py
+fi
 [[ "${SKIP_PARITY:-0}" == 1 ]] || step parity 110 python3 bench/parity.py "${parity[@]}" "${flex[@]}"
 
 # 3. The largest batch that fits an 80 GB card and this one, checkpointing off and on, 15 s utterances.

@@ -8,7 +8,8 @@ one device:
   recipe: the attention call with ``need_weights=False`` (the SDPA path), the CNN
   frozen with HF's ``_freeze_parameters()``, each encoder layer in ``torch.compile``;
 - ``fast``, ``fast+compile``: this recipe's encoder with SDPA attention, eager or
-  with compiled layers; ``flex+compile``: FlexAttention with the gated bias inside
+  with compiled layers; ``triton``: our Triton kernel with the gated bias inside
+  (gated_attention.py, eager layers); ``flex+compile``: FlexAttention with the gated bias inside
   the kernel, compiled; a ``+ckpt`` suffix adds activation checkpointing;
 - ``ceiling``: the same layer shapes with no position bias, so the attention takes
   the flash / cuDNN kernels, compiled: what this architecture could reach if its
@@ -166,7 +167,7 @@ class FastCTC(torch.nn.Module):
         return self.head(self.wavlm(wav, lens, step=self.step))
 
 
-VARIANTS = ("stock", "peer", "fast", "flex", "ceiling")
+VARIANTS = ("stock", "peer", "fast", "flex", "triton", "ceiling")
 OPTIONS = ("compile", "cnn", "ckpt")  # compiled layers, compiled CNN, activation checkpointing
 
 
@@ -180,7 +181,7 @@ def build(variant, folder, args):
         return StockCTC(folder, args.layerdrop, args.train_cnn)
     if base == "peer":
         return PeerCTC(folder, args.layerdrop, args.train_cnn, args.compile_backend)
-    attention = "flex" if base == "flex" else "sdpa"
+    attention = base if base in ("flex", "triton") else "sdpa"
     model = FastCTC(folder, args.layerdrop, args.train_cnn, attention, "compile" in options or base == "ceiling",
                     "ckpt" in options, "cnn" in options, args.flex_kernel_options, args.compile_backend)
     if base == "ceiling":

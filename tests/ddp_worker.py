@@ -45,7 +45,8 @@ def ctc_loss(log_probs, labels):
     return torch.nn.functional.ctc_loss(log_probs.transpose(0, 1), labels, frames, label_lens)
 
 
-def train(model_dir, steps, batch_per_rank, layerdrop, mode, find_unused, seed=0, checkpointing=False):
+def train(model_dir, steps, batch_per_rank, layerdrop, mode, find_unused, seed=0, checkpointing=False,
+          attention="sdpa"):
     """Train a few SGD steps; return the final parameters and, per step, the drop
     pattern, the layers left without gradient and the layers whose weights moved."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -53,7 +54,7 @@ def train(model_dir, steps, batch_per_rank, layerdrop, mode, find_unused, seed=0
     torch.manual_seed(seed)
     wavlm = SpeechEncoder(model_dir, layerdrop=layerdrop, layerdrop_mode=mode, layerdrop_seed=seed,
                           apply_spec_augment=False, freeze="cnn", activation_checkpointing=checkpointing,
-                          **NO_DROPOUT)
+                          attention=attention, **NO_DROPOUT)
     model = CTCModel(wavlm)
     net = DDP(model, find_unused_parameters=find_unused) if world > 1 else model
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -116,14 +117,24 @@ def _entry(rank, world, init_file, out_dir, fn_name, kwargs):
 
 def scenarios(plan):
     """Each scenario of `plan` ({name: (function name, kwargs)}) in turn, in this one
-    process group (one spawn and one set of imports for a whole module's scenarios):
-    {name: its result, or {"exception": traceback}}."""
-    results = {}
+    process group (one spawn and one set of imports for the suite's scenarios):
+    {name: its result, or {"exception": traceback}}. After each one every rank meets
+    at a barrier: a scenario that left the ranks out of step (one rank failed before a
+    collective, or hangs) fails the scenarios after it with its name, at once, instead
+    of each of them waiting out the collective timeout in a group out of step."""
+    results, broken_by = {}, None
     for name, (fn_name, kwargs) in plan.items():
+        if broken_by is not None:
+            results[name] = {"exception": f"not run: the process group was out of step after {broken_by}"}
+            continue
         try:
             results[name] = globals()[fn_name](**kwargs)
         except Exception:
             results[name] = {"exception": traceback.format_exc()}
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        except RuntimeError:
+            broken_by = name
     return results
 
 
@@ -144,7 +155,17 @@ def spawn(fn_name, tmp_path, world=2, **kwargs):
     """Run `fn_name(**kwargs)` on `world` gloo processes; return each rank's result."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     init_file = tmp_path / "init"
-    mp.spawn(_entry, args=(world, str(init_file), str(tmp_path), fn_name, kwargs), nprocs=world, join=True)
+    # Triton kernels (attention: triton) run in the spawned ranks through Triton's interpreter,
+    # on CPU tensors: it must be on before they import triton (this process's triton is untouched).
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        mp.spawn(_entry, args=(world, str(init_file), str(tmp_path), fn_name, kwargs), nprocs=world, join=True)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     for r, result in enumerate(results):
         assert not (isinstance(result, dict) and "exception" in result), f"rank {r}:\n{result['exception']}"

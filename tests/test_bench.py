@@ -49,5 +49,5 @@ def test_the_peer_patch_is_hfs_model_with_need_weights_off_a_frozen_cnn_and_comp
 
 
 def test_an_unknown_variant_is_refused_with_the_choices():
-    with pytest.raises(SystemExit, match="one of stock, peer, fast, flex, ceiling"):
+    with pytest.raises(SystemExit, match="one of stock, peer, fast, flex, triton, ceiling"):
         throughput.build("fastest", "unused", None)

@@ -12,6 +12,10 @@ Two kernels compute it (`attention` key of the encoder):
   (batch, heads, T) gate: no T^2 tensor is written, and the gradients into the
   table and the gate are accumulated by the kernel. FlexAttention has no
   attention dropout, so ``flex`` needs ``attention_dropout: 0``.
+- ``triton``: a Triton flash-attention kernel that reads the gated bias from the same
+  table and gate inside its tiles, forward and backward, and reduces the gradients of
+  the table per diagonal without atomics (gated_attention.py). No attention dropout
+  either; a CUDA GPU (or Triton's interpreter, TRITON_INTERPRET=1, on CPU tensors).
 
 Both project queries, keys and values with one matrix product (the three weights
 concatenated; the parameters stay HF's, so checkpoints and exports are unchanged).
@@ -25,7 +29,8 @@ import types
 import torch
 import torch.nn.functional as F
 
-KINDS = ("sdpa", "flex", "eager")  # eager: HF's own code, unpatched
+KINDS = ("sdpa", "flex", "triton", "eager")  # eager: HF's own code, unpatched
+TABLE_KINDS = ("flex", "triton")  # those that take the (heads, 2T - 1) table, not the (heads, T, T) bias
 
 
 def relative_position_values(attention, time):
@@ -53,7 +58,7 @@ def relative_position_bias(attention, time):
 
 def position_table(attention, time, kind):
     """What the first layer passes on as `position_bias` for this kind of attention."""
-    if kind == "flex":
+    if kind in TABLE_KINDS:
         return relative_position_values(attention, time)
     return relative_position_bias(attention, time)
 
@@ -133,7 +138,10 @@ def _compiled_flex_attention():
 
 def patch_attention(layers, kind, kernel_options=None):
     """Replace HF's attention forward in every layer by the `kind` path."""
-    forward = {"sdpa": sdpa_forward, "flex": flex_forward}.get(kind)
+    if kind == "triton":  # imported only when asked for: it needs triton, which comes with CUDA wheels of torch
+        from wavlm_ddp.encoder.gated_attention import triton_forward as forward
+    else:
+        forward = {"sdpa": sdpa_forward, "flex": flex_forward}.get(kind)
     if forward is None:
         return
     for layer in layers:

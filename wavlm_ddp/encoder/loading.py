@@ -32,8 +32,8 @@ def check_arguments(layerdrop, layerdrop_mode, freeze, attention, attention_drop
     if compile_cnn and freeze == "none":
         raise ConfigError("compile_cnn compiles the frozen CNN (no backward), but freeze='none' trains it: "
                           "set --compile_cnn=False or freeze the CNN (freeze: cnn)")
-    if attention == "flex" and attention_dropout > 0:
-        raise ConfigError(f"attention='flex' has no attention dropout, but attention_dropout={attention_dropout}: "
+    if attention in wavlm_attention.TABLE_KINDS and attention_dropout > 0:
+        raise ConfigError(f"attention='{attention}' has no attention dropout, but attention_dropout={attention_dropout}: "
                           "set --attention_dropout=0 or --attention=sdpa")
 
 
@@ -79,8 +79,8 @@ def load_model(source, save_path, overrides, attention):
     if family not in FAMILIES:
         raise ConfigError(f"{source} is a {family!r} model; this recipe drives {', '.join(FAMILIES)}: "
                           "set wavlm_source to one of those")
-    if attention == "flex" and family != "wavlm":
-        raise ConfigError(f"attention='flex' is WavLM's gated position bias; {source} is a {family!r} "
+    if attention in wavlm_attention.TABLE_KINDS and family != "wavlm":
+        raise ConfigError(f"attention='{attention}' is WavLM's gated position bias; {source} is a {family!r} "
                           "model, which runs HF's own attention: set --attention=sdpa or eager")
     for key, value in overrides.items():  # on the config object: data2vec-audio's has no apply_spec_augment field
         setattr(config, key, value)

@@ -47,7 +47,7 @@ class SpeechEncoder(nn.Module):
     freeze : str
         ``none``, ``cnn`` (no backward through the CNN) or ``all`` (no autograd).
     attention, flex_kernel_options :
-        ``sdpa``, ``flex`` or ``eager`` (wavlm_attention), FlexAttention's block sizes.
+        ``sdpa``, ``flex``, ``triton`` or ``eager`` (wavlm_attention), FlexAttention's block sizes.
     activation_checkpointing : bool
         Recompute each encoder layer in backward (non-reentrant: composes with DDP).
     compile_layers, compile_cnn, compile_backend :

@@ -1,0 +1,80 @@
+"""The Triton gated-bias attention (wavlm_ddp.encoder.gated_attention) against the same
+attention with the (B, H, T, T) bias materialised, forward and every gradient (query,
+key, value, gate, table), in float32 and bfloat16, with key padding: one JSON line
+per dtype with the largest absolute difference of each tensor, scaled by the largest
+value of the reference's, and the time of the kernel's and the reference's step.
+
+    python bench/gated_parity.py                              # on a GPU: WavLM-large's shape, 8 x 15 s
+    TRITON_INTERPRET=1 python bench/gated_parity.py --tiny    # its rehearsal on CPU (float32 only)
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from wavlm_ddp.encoder.gated_attention import gated_bias_attention, reference_attention
+
+NAMES = ("out", "query", "key", "value", "gate", "table")
+
+
+def inputs(batch, heads, frames, head_dim, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    qkv = [rand(batch, heads, frames, head_dim).to(dtype).requires_grad_() for _ in range(3)]
+    gate = (1.0 + rand(batch, heads, frames, scale=0.5)).requires_grad_()
+    table = rand(heads, 2 * frames - 1).requires_grad_()
+    lengths = torch.linspace(frames, frames // 2, batch).long()  # every utterance padded but the first
+    keep = (torch.arange(frames)[None, :] < lengths[:, None]).to(device)
+    return (*qkv, gate, table, keep)
+
+
+def step(attend, tensors, grad_out):
+    *leaves, keep = tensors
+    for leaf in leaves:
+        leaf.grad = None
+    out = attend(*leaves, keep)
+    valid = keep[:, None, :, None]  # padded query rows do not count (the encoder drops them)
+    (out.float() * grad_out * valid).sum().backward()
+    return [out.detach().float() * valid, *(leaf.grad.float() for leaf in leaves)]
+
+
+def timed(attend, tensors, grad_out, device, repeats):
+    results = step(attend, tensors, grad_out)  # warm-up (and Triton's compile)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step(attend, tensors, grad_out)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return results, (time.perf_counter() - start) / repeats
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="small shapes, float32 only (CPU rehearsal)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # WavLM-large: 16 heads of 64; 15 s of audio are 749 frames.
+    shape = (2, 2, 37, 16) if args.tiny else (8, 16, 749, 64)
+    dtypes = [torch.float32] if args.tiny or device == "cpu" else [torch.float32, torch.bfloat16]
+    for dtype in dtypes:
+        tensors = inputs(*shape, dtype, device)
+        grad_out = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(device)
+        kernel, kernel_s = timed(gated_bias_attention, tensors, grad_out, device, args.repeats)
+        reference, reference_s = timed(reference_attention, tensors, grad_out, device, args.repeats)
+        report = {"dtype": str(dtype).split(".")[-1], "device": device, "shape_bhtd": list(shape),
+                  "kernel_step_ms": round(kernel_s * 1000, 3), "reference_step_ms": round(reference_s * 1000, 3)}
+        for name, mine, theirs in zip(NAMES, kernel, reference):
+            report[f"{name}_max_rel_diff"] = float((mine - theirs).abs().max() / theirs.abs().max().clamp_min(1e-12))
+        print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
