@@ -2,7 +2,9 @@
 attention with the (B, H, T, T) bias materialised, forward and every gradient (query,
 key, value, gate, table), in float32 and bfloat16, with key padding: one JSON line
 per dtype with the largest absolute difference of each tensor, scaled by the largest
-value of the reference's, and the time of the kernel's and the reference's step.
+value of the reference's, and the time of the kernel's and the reference's step. The
+reference is computed in float32 from the same inputs; for bfloat16 the line also gives
+the bfloat16 reference's own difference from it, the error to judge the kernel's by.
 
     python bench/gated_parity.py                              # on a GPU: WavLM-large's shape, 8 x 15 s
     TRITON_INTERPRET=1 python bench/gated_parity.py --tiny    # its rehearsal on CPU (float32 only)
@@ -10,11 +12,14 @@ value of the reference's, and the time of the kernel's and the reference's step.
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from wavlm_ddp.encoder.gated_attention import gated_bias_attention, reference_attention
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from wavlm_ddp.encoder.gated_attention import gated_bias_attention, reference_attention  # noqa: E402
 
 NAMES = ("out", "query", "key", "value", "gate", "table")
 
@@ -64,15 +69,22 @@ def main(argv=None):
     # WavLM-large: 16 heads of 64; 15 s of audio are 749 frames.
     shape = (2, 2, 37, 16) if args.tiny else (8, 16, 749, 64)
     dtypes = [torch.float32] if args.tiny or device == "cpu" else [torch.float32, torch.bfloat16]
-    for dtype in dtypes:
-        tensors = inputs(*shape, dtype, device)
-        grad_out = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(device)
-        kernel, kernel_s = timed(gated_bias_attention, tensors, grad_out, device, args.repeats)
-        reference, reference_s = timed(reference_attention, tensors, grad_out, device, args.repeats)
-        report = {"dtype": str(dtype).split(".")[-1], "device": device, "shape_bhtd": list(shape),
-                  "kernel_step_ms": round(kernel_s * 1000, 3), "reference_step_ms": round(reference_s * 1000, 3)}
-        for name, mine, theirs in zip(NAMES, kernel, reference):
-            report[f"{name}_max_rel_diff"] = float((mine - theirs).abs().max() / theirs.abs().max().clamp_min(1e-12))
+    grad_out = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(device)
+    exact = step(reference_attention, inputs(*shape, torch.float32, device), grad_out)
+    for dtype in dtypes:  # each its own line: a failure in one keeps the other's
+        report = {"dtype": str(dtype).split(".")[-1], "device": device, "shape_bhtd": list(shape)}
+        try:
+            tensors = inputs(*shape, dtype, device)
+            kernel, kernel_s = timed(gated_bias_attention, tensors, grad_out, device, args.repeats)
+            reference, reference_s = timed(reference_attention, tensors, grad_out, device, args.repeats)
+            report.update(kernel_step_ms=round(kernel_s * 1000, 3), reference_step_ms=round(reference_s * 1000, 3))
+            for name, mine, theirs, truth in zip(NAMES, kernel, reference, exact):
+                scale = truth.abs().max().clamp_min(1e-12)
+                report[f"{name}_max_rel_diff"] = float((mine - truth).abs().max() / scale)
+                if dtype != torch.float32:
+                    report[f"{name}_reference_max_rel_diff"] = float((theirs - truth).abs().max() / scale)
+        except Exception as error:  # noqa: BLE001 - the report names it; the next dtype still runs
+            report["error"] = f"{type(error).__name__}: {error}"
         print(json.dumps(report), flush=True)
 
 

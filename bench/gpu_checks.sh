@@ -56,7 +56,7 @@ else
     long=(--batch 4 --seconds 30)
     parity=()
     probe=()
-    variants="stock,peer,fast+compile,fast+compile+cnn,triton,triton+cnn,ceiling+cnn"
+    variants="stock,peer,fast+compile,fast+compile+cnn,ceiling+cnn,triton,triton+cnn"   # triton last: its first compile
     best=fast+compile+cnn
     device=cuda
 fi

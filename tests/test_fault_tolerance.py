@@ -357,6 +357,18 @@ def test_valid_hparams_pass(hparams):
     check_hparams({**hparams, "attention": "flex"}, "bf16", "cuda:0")
 
 
+def test_triton_attention_runs_on_the_cpu_only_through_the_interpreter_and_not_in_bf16(hparams, monkeypatch):
+    triton = {**hparams, "attention": "triton"}
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="attention=triton needs a CUDA GPU .*--attention=sdpa"):
+        check_hparams(triton, "fp32", "cpu")
+    check_hparams(triton, "bf16", "cuda:0")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_hparams(triton, "fp32", "cpu")
+    with pytest.raises(ConfigError, match="attention=triton in bf16 needs a CUDA GPU .*--precision=fp32"):
+        check_hparams(triton, "bf16", "cpu")
+
+
 def test_an_output_folder_of_another_configuration_is_refused_unless_asked(tmp_path):
     (tmp_path / "hyperparams.yaml").write_text("# Generated 2026-11-28 from:\n# /x.yaml\n# yamllint disable\n"
                                                "seed: 1\nlayerdrop: 0.1\nlr: 0.5\n")

@@ -151,7 +151,10 @@ class TrainedModel(Transcriber):
             save_folder = output_folder / "save"  # a run folder that was moved
         self.tokenizer_path = save_folder / "tokenizer.model"
         self.tokenizer = load_tokenizer(self.tokenizer_path)
-        self.wavlm = self.hparams["wavlm"]()
+        # A run trained with a GPU-only attention kernel (the same weights, the same maths)
+        # is read on another device through SDPA.
+        on_gpu = torch.device(device).type == "cuda"
+        self.wavlm = self.hparams["wavlm"](**({} if on_gpu else {"attention": "sdpa"}))
         self.head = self.hparams["ctc_head"](input_size=self.wavlm.output_size,
                                              n_neurons=self.tokenizer.vocab_size())
         # The best checkpoint that loads: a damaged one is reported and skipped, as in training.

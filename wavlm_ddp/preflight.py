@@ -218,6 +218,9 @@ def check_hparams(hparams, precision, device):
             and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(f"attention=triton needs a CUDA GPU (device is {device}; on the CPU only Triton's "
                           "interpreter runs it, TRITON_INTERPRET=1, at a snail's pace): set --attention=sdpa")
+    if hparams.get("attention") == "triton" and precision == "bf16" and not str(device).startswith("cuda"):
+        raise ConfigError(f"attention=triton in bf16 needs a CUDA GPU (device is {device}; Triton's interpreter "
+                          "multiplies bf16 wrongly): set --precision=fp32 or --attention=sdpa")
     data_folder = Path(str(hparams["data_folder"]))
     if not data_folder.is_dir():
         raise ConfigError(f"data_folder={data_folder} does not exist: set --data_folder to the folder "

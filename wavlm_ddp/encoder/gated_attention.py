@@ -448,7 +448,7 @@ def reference_attention(query, key, value, gate, table, keep=None, scale=None):
 def triton_forward(self, hidden_states, attention_mask=None, position_bias=None, **kwargs):
     """Drop-in for `WavLMAttention.forward` (as `attention.flex_forward`, whose
     `position_bias` it takes: the (heads, 2T - 1) table shared by all layers)
-    through `gated_bias_attention`. Not registered in `attention.KINDS`."""
+    through `gated_bias_attention` (`attention: triton`, attention.patch_attention)."""
     from wavlm_ddp.encoder.attention import _merge_heads, _project, relative_position_values
 
     if self.training:

@@ -22,7 +22,8 @@ FREEZE_CHOICES = ("none", "cnn", "all")
 ATTENTION_CHOICES = wavlm_attention.KINDS
 
 
-def check_arguments(layerdrop, layerdrop_mode, freeze, attention, attention_dropout, compile_cnn, pad_frames_to):
+def check_arguments(layerdrop, layerdrop_mode, freeze, attention, attention_dropout, compile_cnn, pad_frames_to,
+                    compile_layers=False):
     """The checks that need no model: one ConfigError naming the key and the fix."""
     check_choice("layerdrop_mode", layerdrop_mode, LAYERDROP_MODES)
     check_choice("freeze", freeze, FREEZE_CHOICES)
@@ -32,6 +33,9 @@ def check_arguments(layerdrop, layerdrop_mode, freeze, attention, attention_drop
     if compile_cnn and freeze == "none":
         raise ConfigError("compile_cnn compiles the frozen CNN (no backward), but freeze='none' trains it: "
                           "set --compile_cnn=False or freeze the CNN (freeze: cnn)")
+    if attention == "triton" and compile_layers:
+        raise ConfigError("attention='triton' runs its kernel in eager layers; torch.compile of the layers around it "
+                          "is not supported yet: set --compile_layers=False or --attention=sdpa")
     if attention in wavlm_attention.TABLE_KINDS and attention_dropout > 0:
         raise ConfigError(f"attention='{attention}' has no attention dropout, but attention_dropout={attention_dropout}: "
                           "set --attention_dropout=0 or --attention=sdpa")

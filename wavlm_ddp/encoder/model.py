@@ -65,7 +65,8 @@ class SpeechEncoder(nn.Module):
                  attention="sdpa", flex_kernel_options=None, activation_checkpointing=False, compile_layers=False,
                  compile_cnn=False, compile_backend="inductor", pad_frames_to=1, normalize_wav=True):
         super().__init__()
-        check_arguments(layerdrop, layerdrop_mode, freeze, attention, attention_dropout, compile_cnn, pad_frames_to)
+        check_arguments(layerdrop, layerdrop_mode, freeze, attention, attention_dropout, compile_cnn, pad_frames_to,
+                        compile_layers)
         if init_config is not None:
             make_local_checkpoint(source, init_config, init_seed)
         overrides = dict(layerdrop=layerdrop, apply_spec_augment=apply_spec_augment, mask_time_prob=mask_time_prob,
