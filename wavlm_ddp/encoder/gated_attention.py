@@ -79,6 +79,19 @@ def check_no_dropout(attention_dropout):
 
 
 @triton.jit
+def _tile(base, b, h, offs_t, offs_d, stride_b, stride_h, stride_t, stride_d):
+    """Pointers to the rows offs_t and columns offs_d of head h of batch b of a
+    (B, H, T, D) tensor of any strides."""
+    return base + b * stride_b + h * stride_h + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def _gate_rows(GATE, b, h, offs_m, m_ok, stride_gb, stride_gh, stride_gt):
+    """The gates of the query rows offs_m (0 past T), in fp32."""
+    return tl.load(GATE + b * stride_gb + h * stride_gh + offs_m * stride_gt, mask=m_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _gated_scores(q, k, gate_q, table_row, stride_table_r, offs_m, offs_n, key_ok, T, scale,
                   DOT_PRECISION: tl.constexpr):
     """The (BLOCK_M, BLOCK_N) scores of a tile and its bias table[h, k - q + T - 1].
@@ -127,9 +140,9 @@ def _forward_kernel(
     m_ok = offs_m < T
     d_ok = offs_d < D  # head_dim padded up to a power of two >= 16 (tl.dot's minimum)
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+    q = tl.load(_tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qt, stride_qd),
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    gate_q = tl.load(GATE + b * stride_gb + h * stride_gh + offs_m * stride_gt, mask=m_ok, other=0.0).to(tl.float32)
+    gate_q = _gate_rows(GATE, b, h, offs_m, m_ok, stride_gb, stride_gh, stride_gt)
     table_row = TABLE + h * stride_table_h
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores
@@ -139,9 +152,9 @@ def _forward_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = _keys_ok(KEEP, stride_keep_b, stride_keep_t, b, offs_n, T, HAS_KEEP)
         kv_mask = (offs_n < T)[:, None] & d_ok[None, :]
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+        k = tl.load(_tile(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kt, stride_kd),
                     mask=kv_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+        v = tl.load(_tile(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vt, stride_vd),
                     mask=kv_mask, other=0.0)
         s, _ = _gated_scores(q, k, gate_q, table_row, stride_table_r, offs_m, offs_n, key_ok, T, scale,
                              DOT_PRECISION)
@@ -160,7 +173,7 @@ def _forward_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+    tl.store(_tile(OUT, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_ot, stride_od),
              out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + pid_bh * T + offs_m, lse, mask=m_ok)
 
@@ -192,11 +205,11 @@ def _backward_dq_kernel(
     d_ok = offs_d < D
     qd_mask = m_ok[:, None] & d_ok[None, :]
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+    q = tl.load(_tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qt, stride_qd),
                 mask=qd_mask, other=0.0)
-    do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+    do = tl.load(_tile(DOUT, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_dot, stride_dod),
                  mask=qd_mask, other=0.0)
-    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+    o = tl.load(_tile(OUT, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_ot, stride_od),
                 mask=qd_mask, other=0.0)
     # delta = rowsum(dO * O) = sum_k P dP: the softmax backward's row term, stored for
     # the dK/dV pass (launched after this one on the same stream).
@@ -204,7 +217,7 @@ def _backward_dq_kernel(
     tl.store(DELTA + pid_bh * T + offs_m, delta, mask=m_ok)
     # Rows past T read lse = +inf: their P is 0 and they add nothing.
     lse = tl.load(LSE + pid_bh * T + offs_m, mask=m_ok, other=float("inf"))
-    gate_q = tl.load(GATE + b * stride_gb + h * stride_gh + offs_m * stride_gt, mask=m_ok, other=0.0).to(tl.float32)
+    gate_q = _gate_rows(GATE, b, h, offs_m, m_ok, stride_gb, stride_gh, stride_gt)
     table_row = TABLE + h * stride_table_h
 
     # The skew that turns the tile's diagonals into columns: diagonal d (d = k_local -
@@ -222,9 +235,9 @@ def _backward_dq_kernel(
         offs_n = n * BLOCK + tl.arange(0, BLOCK)
         key_ok = _keys_ok(KEEP, stride_keep_b, stride_keep_t, b, offs_n, T, HAS_KEEP)
         kv_mask = (offs_n < T)[:, None] & d_ok[None, :]
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+        k = tl.load(_tile(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kt, stride_kd),
                     mask=kv_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+        v = tl.load(_tile(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vt, stride_vd),
                     mask=kv_mask, other=0.0)
         s, bias = _gated_scores(q, k, gate_q, table_row, stride_table_r, offs_m, offs_n, key_ok, T, scale,
                                 DOT_PRECISION)
@@ -240,7 +253,7 @@ def _backward_dq_kernel(
         slot = n - pid_m + NUM_BLOCKS - 1  # the tile's block diagonal
         tl.store(parts_row + slot * (2 * BLOCK) + tl.arange(0, 2 * BLOCK), diagonal_sums)
 
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+    tl.store(_tile(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqt, stride_dqd),
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
     tl.store(DGATE + pid_bh * T + offs_m, dgate, mask=m_ok)
 
@@ -272,9 +285,9 @@ def _backward_dkdv_kernel(
     d_ok = offs_d < D
     kv_mask = (offs_n < T)[:, None] & d_ok[None, :]
     key_ok = _keys_ok(KEEP, stride_keep_b, stride_keep_t, b, offs_n, T, HAS_KEEP)
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+    k = tl.load(_tile(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kt, stride_kd),
                 mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+    v = tl.load(_tile(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vt, stride_vd),
                 mask=kv_mask, other=0.0)
     table_row = TABLE + h * stride_table_h
 
@@ -284,12 +297,11 @@ def _backward_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < T
         qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+        q = tl.load(_tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qt, stride_qd),
                     mask=qd_mask, other=0.0)
-        do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
-                     + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
-        gate_q = tl.load(GATE + b * stride_gb + h * stride_gh + offs_m * stride_gt, mask=m_ok,
-                         other=0.0).to(tl.float32)
+        do = tl.load(_tile(DOUT, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_dot, stride_dod),
+                     mask=qd_mask, other=0.0)
+        gate_q = _gate_rows(GATE, b, h, offs_m, m_ok, stride_gb, stride_gh, stride_gt)
         lse = tl.load(LSE + pid_bh * T + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + pid_bh * T + offs_m, mask=m_ok, other=0.0)
 
@@ -301,9 +313,9 @@ def _backward_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
 
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+    tl.store(_tile(DK, b, h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkt, stride_dkd),
              (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+    tl.store(_tile(DV, b, h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvt, stride_dvd),
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
