@@ -42,6 +42,7 @@ from wavlm_ddp.preflight import (
     resolve_find_unused_parameters,
 )
 from wavlm_ddp.decoding.fetch import fetch
+from wavlm_ddp.encoder.loading import check_encoder_keys, check_graphed_accumulation
 from wavlm_ddp.decoding.ngram import build_lm
 from wavlm_ddp.data.tokenizer import load_tokenizer, train_tokenizer
 from wavlm_ddp.data.manifests import save_check
@@ -329,6 +330,7 @@ def check_run(hparams, hparams_file, run_opts, overrides, flags, world_size):
     rows, the plan, the global batch sequence)."""
     precision = run_opts.precision if "precision" in run_opts.overridden_args else hparams.get("precision", "fp32")
     check_hparams(hparams, precision, run_opts.device or sb.utils.distributed.infer_device())
+    check_encoder_keys(hparams["wavlm"])
     if flags["find_unused_parameters"] is None and hparams.get("find_unused_parameters") is not None:
         flags["find_unused_parameters"] = bool(hparams["find_unused_parameters"])
     check_find_unused_parameters(flags["find_unused_parameters"], world_size, hparams["layerdrop"],
@@ -355,6 +357,7 @@ def _check_data_and_plan(hparams, hparams_file, run_opts, overrides, flags, worl
                    charset_of(hparams), hparams.get("lm_url"))
     datasets, filtered = read_datasets(hparams, bad)
     plan, batches = training_plan(hparams, datasets["train"], world_size, run_opts)
+    check_graphed_accumulation(getattr(hparams["wavlm"], "keywords", {}).get("cuda_graphs", False), plan)
     if update_budget(hparams) and not run_opts.debug:  # the epochs that reach the update budget
         hparams["epoch_counter"].limit = len(plan.steps_per_epoch)
     sb.create_experiment_directory(

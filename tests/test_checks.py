@@ -37,6 +37,8 @@ def error_line(code, err):
         (["--number_of_epochs=0"], "error: number_of_epochs=0 is not an integer >= 1: set --number_of_epochs="),
         (["--dynamic_batch_sampler={max_batch_length: 0}"],
          "error: dynamic_batch_sampler.max_batch_length=0 is not a number > 0: set --dynamic_batch_sampler="),
+        (["--compile_cnn=True"], "error: compile_cnn compiles the frozen CNN (no backward), but freeze='none'"),
+        (["--cuda_graphs=True"], "error: cuda_graphs=True needs a CUDA GPU (device is cpu): set --cuda_graphs=False"),
     ],
 )
 def test_invalid_hparams_stop_at_start_with_one_line_and_write_nothing(tmp_path, check, args, message):

@@ -333,6 +333,7 @@ def hparams(tmp_path):
         ({}, "fp8", "cpu", "precision=fp8 is unknown: set --precision"),
         ({}, "fp16", "cpu", "precision=fp16 needs a CUDA GPU"),
         ({"attention": "flex"}, "bf16", "cpu", "attention=flex needs a CUDA GPU .*--attention=sdpa"),
+        ({"cuda_graphs": True}, "bf16", "cpu", "cuda_graphs=True needs a CUDA GPU .*--cuda_graphs=False"),
         ({"data_folder": "/no/such/folder"}, "fp32", "cpu", "data_folder=/no/such/folder does not exist"),
         ({"hang_timeout_minutes": -1}, "fp32", "cpu", "hang_timeout_minutes=-1 is not a number of minutes"),
         ({"hang_timeout_minutes": "soon"}, "fp32", "cpu", "--hang_timeout_minutes=30"),
@@ -355,6 +356,7 @@ def test_valid_hparams_pass(hparams):
     check_hparams(hparams, "bf16", "cpu")
     check_hparams(hparams, "fp16", "cuda:0")
     check_hparams({**hparams, "attention": "flex"}, "bf16", "cuda:0")
+    check_hparams({**hparams, "cuda_graphs": True}, "bf16", "cuda:0")
 
 
 def test_triton_attention_runs_on_the_cpu_only_through_the_interpreter_and_not_in_bf16(hparams, monkeypatch):

@@ -272,6 +272,21 @@ def test_stereo_and_other_rates_are_loaded_like_training_audio(trained, tmp_path
     assert failed == {} and len(result) == 2 and len(set(result.values())) == 1 and list(result.values())[0]
 
 
+def test_a_run_trained_with_cuda_graphs_is_read_without_them(finished_run, trained, tmp_path):
+    """CUDA graphs serve training steps of few shapes; files of any length would each record
+    their own. A run whose YAML has them on is read with them off (on the CPU, where the
+    YAML's own setting would be refused for want of compiled layers)."""
+    text = (finished_run[0] / "hyperparams.yaml").read_text()
+    graphed, count = re.subn(r"^( *)cuda_graphs: (False|false)", r"\1cuda_graphs: True", text, flags=re.M)
+    assert count == 2  # the top-level key and the encoder's, resolved
+    (tmp_path / "hyperparams.yaml").write_text(graphed)
+    model = TrainedModel(tmp_path)
+    assert model.wavlm.cuda_graphs is False and model.checkpoint.path == trained.checkpoint.path
+    row = next(csv.DictReader(open(DEMO / "test.csv", newline="")))
+    wav = DEMO / row["wav"].replace("$data_root/", "")
+    assert model.transcribe_files([wav]) == trained.transcribe_files([wav])
+
+
 def test_exported_model_gives_the_recipes_logits_and_transcripts(trained, finished_run, tmp_path):
     export_dir = export(finished_run[0], tmp_path / "hf")
     model = WavLMForCTC.from_pretrained(export_dir).eval()

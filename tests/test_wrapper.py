@@ -319,6 +319,60 @@ def test_compile_cnn_refuses_a_cnn_that_trains(tiny_wavlm_dir):
         SpeechEncoder(str(tiny_wavlm_dir), compile_cnn=True, freeze="none")
 
 
+GRAPHED = dict(compile_layers=True, pad_frames_to=64, layerdrop=0.0, cuda_graphs=True)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(compile_layers=False), r"cuda_graphs records the compiled layers' kernels.*--compile_layers=True"),
+    (dict(compile_backend="aot_eager"), r"cuda_graphs are inductor's.*compile_backend: inductor"),
+    (dict(pad_frames_to=1), r"cuda_graphs records one graph per frame count.*--pad_frames_to=64"),
+    (dict(layerdrop=0.1), r"layerdrop=0.1 draws a new sequence at nearly every step.*--layerdrop=0"),
+    (dict(activation_checkpointing=True), r"cuda_graphs with activation_checkpointing.*--activation_checkpointing=False"),
+], ids=["layers-not-compiled", "not-inductor", "frames-not-padded", "layerdrop", "activation-checkpointing"])
+def test_cuda_graphs_refuse_settings_whose_recordings_would_change_every_step_or_not_replay(tiny_wavlm_dir, settings,
+                                                                                            message):
+    with pytest.raises(ValueError, match=message) as error:
+        SpeechEncoder(str(tiny_wavlm_dir), **{**GRAPHED, **settings})
+    assert "\n" not in str(error.value)
+
+
+def test_cuda_graphs_refuse_gradient_accumulation_naming_the_keys_that_remove_it():
+    from wavlm_ddp.encoder.loading import check_graphed_accumulation
+    from wavlm_ddp.training.schedule import TrainingPlan
+
+    def plan(accumulation):
+        return TrainingPlan(world_size=2, accumulation=accumulation, per_rank_seconds=100.0 / accumulation,
+                            global_seconds=400.0, steps_per_epoch=[10], mean_step_seconds=390.0)
+
+    with pytest.raises(ValueError, match=r"cuda_graphs cannot accumulate gradients.*accumulates 2 micro-batches "
+                                         r"\(global_batch_seconds 400 over 2 ranks\).*max_batch_length.*"
+                                         r"--cuda_graphs=False"):
+        check_graphed_accumulation(True, plan(2))
+    check_graphed_accumulation(True, plan(1))
+    check_graphed_accumulation(False, plan(2))
+
+
+def test_cuda_graphs_compile_each_layer_in_reduce_overhead_mode_and_begin_a_step_at_each_forward(tiny_wavlm_dir,
+                                                                                               monkeypatch):
+    """The wiring of the key, with torch.compile and the step marker recorded instead of
+    run (CUDA graphs record on a GPU only; bench/parity.py checks the replayed steps there)."""
+    compiled, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda module, **options: compiled.append(options) or module)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(len(compiled)))
+    wav, lens = batch([8000, 6000])
+    for cuda_graphs in (False, True):
+        compiled.clear()
+        encoder = SpeechEncoder(str(tiny_wavlm_dir), **{**GRAPHED, "cuda_graphs": cuda_graphs}, **NO_DROPOUT)
+        mode = {"mode": "reduce-overhead"} if cuda_graphs else {}
+        assert compiled == [{"backend": "inductor", **mode}] * encoder.num_layers
+        encoder.train()
+        encoder(wav, lens, step=0).sum().backward()
+        encoder(wav, lens, step=1).sum().backward()
+        with torch.no_grad():
+            encoder.eval()(wav, lens)
+        assert len(marks) == (3 if cuda_graphs else 0)
+
+
 def test_a_compiled_frozen_cnn_gives_the_eager_features_at_any_length(tmp_path):
     """On a CNN of 2 convolutions with WavLM's total stride of 320 samples (the 7 of the
     tiny model compile the same way, several times slower)."""

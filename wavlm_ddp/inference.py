@@ -152,9 +152,10 @@ class TrainedModel(Transcriber):
         self.tokenizer_path = save_folder / "tokenizer.model"
         self.tokenizer = load_tokenizer(self.tokenizer_path)
         # A run trained with a GPU-only attention kernel (the same weights, the same maths)
-        # is read on another device through SDPA.
+        # is read on another device through SDPA. CUDA graphs speed up training steps of
+        # few shapes; files of any length would each record their own.
         on_gpu = torch.device(device).type == "cuda"
-        self.wavlm = self.hparams["wavlm"](**({} if on_gpu else {"attention": "sdpa"}))
+        self.wavlm = self.hparams["wavlm"](cuda_graphs=False, **({} if on_gpu else {"attention": "sdpa"}))
         self.head = self.hparams["ctc_head"](input_size=self.wavlm.output_size,
                                              n_neurons=self.tokenizer.vocab_size())
         # The best checkpoint that loads: a damaged one is reported and skipped, as in training.

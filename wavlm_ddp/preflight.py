@@ -214,6 +214,8 @@ def check_hparams(hparams, precision, device):
     if hparams.get("attention") == "flex" and not str(device).startswith("cuda"):
         raise ConfigError(f"attention=flex needs a CUDA GPU (device is {device}; FlexAttention has no backward on "
                           "the CPU): set --attention=sdpa")
+    if hparams.get("cuda_graphs") and not str(device).startswith("cuda"):
+        raise ConfigError(f"cuda_graphs=True needs a CUDA GPU (device is {device}): set --cuda_graphs=False")
     if hparams.get("attention") == "triton" and not str(device).startswith("cuda") \
             and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(f"attention=triton needs a CUDA GPU (device is {device}; on the CPU only Triton's "

@@ -12,12 +12,23 @@ MAX_COMPILED_SECONDS = 60
 FRAMES_PER_SECOND = 50
 
 
-def compile_layers(layers, backend, pad_frames_to):
+def compile_layers(layers, backend, pad_frames_to, cuda_graphs=False):
     """The layers, each wrapped in torch.compile; raises the process-wide recompile
-    limit to the number of padded lengths up to MAX_COMPILED_SECONDS."""
+    limit to the number of padded lengths up to MAX_COMPILED_SECONDS. With
+    `cuda_graphs`, inductor's mode 'reduce-overhead': each step replays the kernels
+    recorded for its shapes instead of launching them one by one from Python
+    (loading.check_cuda_graphs says when that is refused)."""
     limit = math.ceil(MAX_COMPILED_SECONDS * FRAMES_PER_SECOND / max(pad_frames_to, 64)) + 2
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-    return [torch.compile(layer, backend=backend) for layer in layers]
+    mode = {"mode": "reduce-overhead"} if cuda_graphs else {}
+    return [torch.compile(layer, backend=backend, **mode) for layer in layers]
+
+
+def begin_graphed_step():
+    """Tell the CUDA graph trees that a new forward begins: the outputs of the last one
+    may be overwritten (they were consumed). Without it, an evaluation forward that
+    follows a training step could be taken for its continuation."""
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 def compile_cnn(feature_extractor, backend):

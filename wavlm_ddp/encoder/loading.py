@@ -6,6 +6,8 @@ transformers is imported inside the functions: the settings checks that run befo
 any worker starts (train.py --check_only) do not pay for importing it.
 """
 
+import functools
+import inspect
 import os
 import tempfile
 from pathlib import Path
@@ -23,7 +25,7 @@ ATTENTION_CHOICES = wavlm_attention.KINDS
 
 
 def check_arguments(layerdrop, layerdrop_mode, freeze, attention, attention_dropout, compile_cnn, pad_frames_to,
-                    compile_layers=False):
+                    compile_layers=False, cuda_graphs=False, compile_backend="inductor", activation_checkpointing=False):
     """The checks that need no model: one ConfigError naming the key and the fix."""
     check_choice("layerdrop_mode", layerdrop_mode, LAYERDROP_MODES)
     check_choice("freeze", freeze, FREEZE_CHOICES)
@@ -36,9 +38,54 @@ def check_arguments(layerdrop, layerdrop_mode, freeze, attention, attention_drop
     if attention == "triton" and compile_layers:
         raise ConfigError("attention='triton' runs its kernel in eager layers; torch.compile of the layers around it "
                           "is not supported yet: set --compile_layers=False or --attention=sdpa")
+    if cuda_graphs:
+        check_cuda_graphs(layerdrop, compile_layers, compile_backend, pad_frames_to, activation_checkpointing)
     if attention in wavlm_attention.TABLE_KINDS and attention_dropout > 0:
         raise ConfigError(f"attention='{attention}' has no attention dropout, but attention_dropout={attention_dropout}: "
                           "set --attention_dropout=0 or --attention=sdpa")
+
+
+def check_encoder_keys(factory):
+    """check_arguments on the YAML's encoder (`wavlm: !name:wavlm_wrapper.SpeechEncoder`,
+    a partial), so that a refusal comes from the settings check, before any worker starts."""
+    if not isinstance(factory, functools.partial):  # not the recipe's `!name:`: checked when it is built
+        return
+    defaults = inspect.signature(factory.func).parameters
+    names = inspect.signature(check_arguments).parameters
+    check_arguments(**{name: factory.keywords.get(name, defaults[name].default) for name in names})
+
+
+def check_cuda_graphs(layerdrop, compile_layers, compile_backend, pad_frames_to, activation_checkpointing):
+    """CUDA graphs replay what the compiled layers recorded, one recording per sequence
+    of calls and shapes (inductor's CUDA graph trees): the settings under which that
+    sequence changes every step, or which the trees cannot replay, are refused."""
+    if not compile_layers:
+        raise ConfigError("cuda_graphs records the compiled layers' kernels, but compile_layers=False: "
+                          "set --compile_layers=True or --cuda_graphs=False")
+    if compile_backend != "inductor":
+        raise ConfigError(f"cuda_graphs are inductor's (torch.compile mode 'reduce-overhead'), but compile_backend="
+                          f"{compile_backend}: set compile_backend: inductor or --cuda_graphs=False")
+    if pad_frames_to == 1:
+        raise ConfigError("cuda_graphs records one graph per frame count, and pad_frames_to=1 leaves every length "
+                          "its own: set --pad_frames_to=64 or --cuda_graphs=False")
+    if layerdrop > 0:
+        raise ConfigError(f"cuda_graphs records one graph per sequence of layers run, and layerdrop={layerdrop} draws "
+                          "a new sequence at nearly every step (each one recorded anew): set --layerdrop=0 or "
+                          "--cuda_graphs=False")
+    if activation_checkpointing:
+        raise ConfigError("cuda_graphs with activation_checkpointing is not supported: the recomputation runs each "
+                          "recorded layer again inside the backward pass; set --activation_checkpointing=False or "
+                          "--cuda_graphs=False")
+
+
+def check_graphed_accumulation(cuda_graphs, plan):
+    """A recorded backward writes its gradients into the same memory at every replay,
+    so gradients accumulated over several micro-batches would be overwritten."""
+    if cuda_graphs and plan.accumulation > 1:
+        raise ConfigError(f"cuda_graphs cannot accumulate gradients (each replay of a recorded backward overwrites "
+                          f"the last one's), and this run accumulates {plan.accumulation} micro-batches "
+                          f"(global_batch_seconds {plan.global_seconds:g} over {plan.world_size} ranks): raise "
+                          "dynamic_batch_sampler's max_batch_length, use more GPUs, or set --cuda_graphs=False")
 
 
 def make_local_checkpoint(folder, config, seed):

@@ -52,6 +52,9 @@ class SpeechEncoder(nn.Module):
         Recompute each encoder layer in backward (non-reentrant: composes with DDP).
     compile_layers, compile_cnn, compile_backend :
         torch.compile each encoder layer, the frozen CNN, with this backend.
+    cuda_graphs : bool
+        Replay the compiled layers as CUDA graphs (inductor's 'reduce-overhead'; CUDA,
+        layerdrop 0, padded frames, no activation checkpointing, no gradient accumulation).
     pad_frames_to : int
         Pad the frame axis to a multiple of this (masked frames, cut off at the end).
     normalize_wav : bool
@@ -63,10 +66,11 @@ class SpeechEncoder(nn.Module):
                  mask_time_length=10, mask_feature_prob=0.0, mask_feature_length=10, hidden_dropout=0.1,
                  attention_dropout=0.1, activation_dropout=0.0, feat_proj_dropout=0.0, freeze="cnn",
                  attention="sdpa", flex_kernel_options=None, activation_checkpointing=False, compile_layers=False,
-                 compile_cnn=False, compile_backend="inductor", pad_frames_to=1, normalize_wav=True):
+                 compile_cnn=False, compile_backend="inductor", pad_frames_to=1, normalize_wav=True,
+                 cuda_graphs=False):
         super().__init__()
         check_arguments(layerdrop, layerdrop_mode, freeze, attention, attention_dropout, compile_cnn, pad_frames_to,
-                        compile_layers)
+                        compile_layers, cuda_graphs, compile_backend, activation_checkpointing)
         if init_config is not None:
             make_local_checkpoint(source, init_config, init_seed)
         overrides = dict(layerdrop=layerdrop, apply_spec_augment=apply_spec_augment, mask_time_prob=mask_time_prob,
@@ -84,10 +88,10 @@ class SpeechEncoder(nn.Module):
         if self.family == "wavlm":
             wavlm_attention.patch_attention(self.model.encoder.layers, attention, flex_kernel_options)
         self.activation_checkpointing = activation_checkpointing
-        self.compiled, self.pad_frames_to = compile_layers, pad_frames_to
+        self.compiled, self.pad_frames_to, self.cuda_graphs = compile_layers, pad_frames_to, cuda_graphs
         self.layers = list(self.model.encoder.layers)
         if compile_layers:
-            self.layers = encoder_compile.compile_layers(self.layers, compile_backend, pad_frames_to)
+            self.layers = encoder_compile.compile_layers(self.layers, compile_backend, pad_frames_to, cuda_graphs)
         self._compiled_cnn = encoder_compile.compile_cnn(self.model.feature_extractor, compile_backend) \
             if compile_cnn else None
         logger.info(
@@ -122,6 +126,8 @@ class SpeechEncoder(nn.Module):
         """(batch, frames, hidden) encodings of (batch, samples) 16 kHz waveforms with
         relative lengths `wav_lens` (SpeechBrain's convention; padded frames are not
         attended to); `step`, the optimizer step, selects the LayerDrop pattern."""
+        if self.cuda_graphs:
+            encoder_compile.begin_graphed_step()
         with torch.no_grad() if self.freeze == "all" else nullcontext():
             return self._encode(wav, wav_lens, step)
 
