@@ -40,7 +40,7 @@ if [[ "$mode" == "--cpu" ]]; then
     long=(--batch 1 --seconds 2)
     parity=(--tiny --device cpu)
     probe=(--device cpu --frames 64 --batch 2 --repeats 2)
-    variants="stock,peer,fast+compile,ceiling+cnn"   # flex trains on CUDA only
+    variants="stock,peer,fast+compile,ceiling+cnn,ceiling+cnn+graphs"   # flex trains on CUDA only
     best=fast+compile
     export NPROC_PER_NODE=1
     device=cpu
@@ -56,7 +56,8 @@ else
     long=(--batch 4 --seconds 30)
     parity=()
     probe=()
-    variants="stock,peer,fast+compile,fast+compile+cnn,ceiling+cnn,triton,triton+cnn"   # triton last: its first compile
+    variants="stock,peer,fast+compile,fast+compile+cnn,ceiling+cnn,fast+compile+cnn+graphs,ceiling+cnn+graphs"
+    variants="$variants,triton,triton+cnn"   # triton last: its first compile
     best=fast+compile+cnn
     device=cuda
 fi
@@ -107,11 +108,21 @@ step bench_4x30 80 python3 bench/throughput.py "${common[@]}" "${long[@]}" "${mo
 
 # 5. The recipe itself through launch_ddp.sh with the large recipe's speed settings on the demo
 #    (nccl at world size 1; synced LayerDrop 0.1 and DDP with find_unused_parameters; the demo's
-#    CNN trains, so compile_cnn, which compiles a frozen CNN, stays off).
+#    CNN trains, so compile_cnn, which compiles a frozen CNN, stays off; the test set is decoded
+#    greedily: the GPU machine has no flashlight-text for the beam search).
 step launch_demo 90 ./launch_ddp.sh --debug --debug_batches=4 --debug_epochs=1 --noprogressbar \
     --layerdrop=0.1 --precision=bf16 --compile_layers=True --pad_frames_to=64 \
-    --attention=sdpa --activation_checkpointing=True \
+    --attention=sdpa --activation_checkpointing=True --test_search='{mode: greedy}' \
     --output_folder="$work/demo" --wavlm_source="$work/wavlm-small"
+
+# 5b. The same with CUDA graphs (cuda_graphs: layerdrop 0, and a global batch that one GPU
+#     holds without accumulation); the CPU refuses cuda_graphs, so only on CUDA.
+if [[ "$device" == cuda ]]; then
+    step launch_demo_graphs 90 ./launch_ddp.sh --debug --debug_batches=6 --debug_epochs=1 --noprogressbar \
+        --layerdrop=0 --precision=bf16 --compile_layers=True --pad_frames_to=64 --cuda_graphs=True \
+        --global_batch_seconds=12 --test_search='{mode: greedy}' \
+        --output_folder="$work/demo_graphs" --wavlm_source="$work/wavlm-small"
+fi
 
 # 6. The same search at 30 s utterances.
 if [[ "$device" == cuda ]]; then

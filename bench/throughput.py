@@ -10,7 +10,8 @@ one device:
 - ``fast``, ``fast+compile``: this recipe's encoder with SDPA attention, eager or
   with compiled layers; ``triton``: our Triton kernel with the gated bias inside
   (gated_attention.py, eager layers); ``flex+compile``: FlexAttention with the gated bias inside
-  the kernel, compiled; a ``+ckpt`` suffix adds activation checkpointing;
+  the kernel, compiled; a ``+ckpt`` suffix adds activation checkpointing, ``+graphs`` replays
+  the compiled layers as CUDA graphs (the recipe's ``cuda_graphs``);
 - ``ceiling``: the same layer shapes with no position bias, so the attention takes
   the flash / cuDNN kernels, compiled: what this architecture could reach if its
   bias cost nothing.
@@ -152,11 +153,11 @@ class FastCTC(torch.nn.Module):
     compile and activation checkpointing."""
 
     def __init__(self, folder, layerdrop, cnn_trained, attention, compile_layers, checkpointing,
-                 compile_cnn=False, flex_kernel_options=None, backend="inductor"):
+                 compile_cnn=False, flex_kernel_options=None, backend="inductor", cuda_graphs=False):
         super().__init__()
         self.wavlm = SpeechEncoder(folder, layerdrop=layerdrop, freeze="none" if cnn_trained else "cnn",
                                    attention=attention, compile_layers=compile_layers, compile_cnn=compile_cnn,
-                                   compile_backend=backend,
+                                   compile_backend=backend, cuda_graphs=cuda_graphs,
                                    pad_frames_to=PAD_FRAMES_TO, activation_checkpointing=checkpointing,
                                    flex_kernel_options=flex_kernel_options, **DROPOUTS)
         self.head = torch.nn.Linear(self.wavlm.output_size, VOCAB)
@@ -168,7 +169,7 @@ class FastCTC(torch.nn.Module):
 
 
 VARIANTS = ("stock", "peer", "fast", "flex", "triton", "ceiling")
-OPTIONS = ("compile", "cnn", "ckpt")  # compiled layers, compiled CNN, activation checkpointing
+OPTIONS = ("compile", "cnn", "ckpt", "graphs")  # compiled layers, compiled CNN, activation checkpointing, CUDA graphs
 
 
 def build(variant, folder, args):
@@ -182,8 +183,9 @@ def build(variant, folder, args):
     if base == "peer":
         return PeerCTC(folder, args.layerdrop, args.train_cnn, args.compile_backend)
     attention = base if base in ("flex", "triton") else "sdpa"
-    model = FastCTC(folder, args.layerdrop, args.train_cnn, attention, "compile" in options or base == "ceiling",
-                    "ckpt" in options, "cnn" in options, args.flex_kernel_options, args.compile_backend)
+    compiled = "compile" in options or "graphs" in options or base == "ceiling"
+    model = FastCTC(folder, args.layerdrop, args.train_cnn, attention, compiled, "ckpt" in options, "cnn" in options,
+                    args.flex_kernel_options, args.compile_backend, "graphs" in options)
     if base == "ceiling":
         for layer in model.wavlm.model.encoder.layers:
             layer.attention.forward = types.MethodType(_attention_without_bias, layer.attention)
@@ -210,15 +212,18 @@ class Trainer:
         wav = torch.randn(batch, samples, device=self.device)
         lens = torch.ones(batch, device=self.device)
         labels = torch.randint(1, VOCAB, (batch, int(self.seconds * 12)), device=self.device)
-        with self.autocast:
+        with region("forward"), self.autocast:
             logits = self.net(wav, lens)
-        log_probs = logits.float().log_softmax(-1).transpose(0, 1)
-        frames = torch.full((batch,), log_probs.shape[0], dtype=torch.long)
-        label_lens = torch.full((batch,), labels.shape[1], dtype=torch.long)
-        loss = F.ctc_loss(log_probs, labels, frames, label_lens, zero_infinity=True)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        with region("head and CTC loss"):  # the head's linear layer is in the forward; its log-softmax here
+            log_probs = logits.float().log_softmax(-1).transpose(0, 1)
+            frames = torch.full((batch,), log_probs.shape[0], dtype=torch.long)
+            label_lens = torch.full((batch,), labels.shape[1], dtype=torch.long)
+            loss = F.ctc_loss(log_probs, labels, frames, label_lens, zero_infinity=True)
+        with region("backward"):
+            loss.backward()
+        with region("optimizer"):
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -322,15 +327,42 @@ def max_batch_report(variant, folder, args, device, dtype, rows):
               f"{row['audio_s_per_s']:.0f} audio-s/s at {fits_80}", flush=True)
 
 
+REGIONS = ("forward", "head and CTC loss", "backward", "optimizer")
+
+
+def region(name):
+    """A named part of the training step, for the profile's table of regions."""
+    return torch.profiler.record_function(f"step: {name}")
+
+
 def profile_step(run_step, device):
-    """The torch.profiler table of one step: the top operators and kernels by self time."""
+    """The torch.profiler tables of one step: where the CPU and the GPU spend it by part of
+    the step (forward, head and CTC loss, backward, optimizer), then the top operators and
+    kernels by self time, GPU's first on CUDA, then the CPU's."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         run_step()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    averages = prof.key_averages()
+    tables = [region_table(averages)]
+    if device.type == "cuda":
+        tables.append(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+    tables.append(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+    return "\n".join(tables)
+
+
+def region_table(averages):
+    """CPU time (wall time of the part, on the launching thread) and GPU time (the
+    kernels it launched) per part of the step, in ms."""
+    rows = {event.key: event for event in averages}
+    lines = ["| part of the step | CPU ms | GPU ms |", "|---|---:|---:|"]
+    for name in REGIONS:
+        event = rows.get(f"step: {name}")
+        if event is not None:
+            gpu = getattr(event, "device_time_total", 0.0) / 1e3
+            lines.append(f"| {name} | {event.cpu_time_total / 1e3:.2f} | {gpu:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def device_kind(device):
