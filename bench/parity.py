@@ -58,6 +58,7 @@ PATHS = {  # name: the encoder's settings
                                                               activation_checkpointing=True),
     "flex + compiled layers": dict(attention="flex", compile_layers=True),
     "fast + compiled layers + CUDA graphs": dict(attention="sdpa", compile_layers=True, cuda_graphs=True),
+    "triton + compiled layers": dict(attention="triton", compile_layers=True),
 }
 # CUDA graph trees warm a function up on its first step, record it on the second and
 # replay it from the third: the step compared is the last of these.
@@ -73,6 +74,9 @@ def compare(folder, device, lengths, flex_kernel_options=None):
     (ref * weights)[frames].sum().backward()
     rows = []
     for name, settings in PATHS.items():
+        if settings["attention"] == "triton" and device.type == "cpu":
+            rows.append((name + " (CUDA only: bench/gated_parity.py runs it on CPU)", 0.0, 0.0, "-"))
+            continue
         flex_on_cpu = settings["attention"] == "flex" and device.type == "cpu"
         if flex_on_cpu:  # no backward, and inductor's CPU flex template fails: eager forward only
             settings = dict(settings, compile_layers=False)

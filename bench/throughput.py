@@ -9,7 +9,7 @@ one device:
   frozen with HF's ``_freeze_parameters()``, each encoder layer in ``torch.compile``;
 - ``fast``, ``fast+compile``: this recipe's encoder with SDPA attention, eager or
   with compiled layers; ``triton``: our Triton kernel with the gated bias inside
-  (gated_attention.py, eager layers); ``flex+compile``: FlexAttention with the gated bias inside
+  (gated_attention.py; ``triton+compile``: in compiled layers); ``flex+compile``: FlexAttention with the gated bias inside
   the kernel, compiled; a ``+ckpt`` suffix adds activation checkpointing, ``+graphs`` replays
   the compiled layers as CUDA graphs (the recipe's ``cuda_graphs``);
 - ``ceiling``: the same layer shapes with no position bias, so the attention takes

@@ -46,7 +46,7 @@ def ctc_loss(log_probs, labels):
 
 
 def train(model_dir, steps, batch_per_rank, layerdrop, mode, find_unused, seed=0, checkpointing=False,
-          attention="sdpa"):
+          attention="sdpa", compile_backend=None):
     """Train a few SGD steps; return the final parameters and, per step, the drop
     pattern, the layers left without gradient and the layers whose weights moved."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -54,7 +54,8 @@ def train(model_dir, steps, batch_per_rank, layerdrop, mode, find_unused, seed=0
     torch.manual_seed(seed)
     wavlm = SpeechEncoder(model_dir, layerdrop=layerdrop, layerdrop_mode=mode, layerdrop_seed=seed,
                           apply_spec_augment=False, freeze="cnn", activation_checkpointing=checkpointing,
-                          attention=attention, **NO_DROPOUT)
+                          attention=attention, compile_layers=compile_backend is not None,
+                          compile_backend=compile_backend or "inductor", **NO_DROPOUT)
     model = CTCModel(wavlm)
     net = DDP(model, find_unused_parameters=find_unused) if world > 1 else model
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

@@ -173,6 +173,16 @@ def _child_main(path):
     out, _, _ = gated_attention.triton_forward(module, hidden, attention_mask, position_bias=table)
     results["drop_in"] = dict(state=module.state_dict(), out=out.detach(),
                               grads=list(_drop_in_gradients(module, out, hidden, table)))
+
+    # The same inside torch.compile (inductor, one graph): the kernels as opaque custom
+    # operators, the projections, gate and head merge compiled around them.
+    module, hidden, table, attention_mask = _drop_in_inputs()
+
+    def attend(hidden, attention_mask, table):
+        return gated_attention.triton_forward(module, hidden, attention_mask, position_bias=table)[0]
+
+    out = torch.compile(attend, backend="inductor", fullgraph=True)(hidden, attention_mask, table)
+    results["drop_in_compiled"] = dict(out=out.detach(), grads=list(_drop_in_gradients(module, out, hidden, table)))
     torch.save(results, path)
 
 
@@ -291,6 +301,15 @@ def test_drop_in_forward_equals_sdpa_forward(kernel_results):
     out, _, _ = sdpa_forward(module, hidden, attention_mask, position_bias=bias)
     torch.testing.assert_close(result["out"], out.detach(), rtol=RTOL, atol=ATOL)
     for grad, want in zip(result["grads"], _drop_in_gradients(module, out, hidden, table)):
+        torch.testing.assert_close(grad, want, rtol=RTOL, atol=ATOL)
+
+
+def test_the_compiled_drop_in_equals_the_eager_one(kernel_results):
+    """Inside torch.compile (inductor, fullgraph: no graph break around the kernels) the
+    attention gives the eager kernel's output and gradients."""
+    compiled, eager = kernel_results["drop_in_compiled"], kernel_results["drop_in"]
+    torch.testing.assert_close(compiled["out"], eager["out"], rtol=RTOL, atol=ATOL)
+    for grad, want in zip(compiled["grads"], eager["grads"]):
         torch.testing.assert_close(grad, want, rtol=RTOL, atol=ATOL)
 
 

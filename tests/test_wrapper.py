@@ -307,11 +307,9 @@ def test_flex_attention_refuses_attention_dropout_and_other_families(tiny_wavlm_
         SpeechEncoder(str(folder), attention="flex", attention_dropout=0.0)
 
 
-def test_triton_attention_refuses_attention_dropout_and_compiled_layers(tiny_wavlm_dir):
+def test_triton_attention_refuses_attention_dropout(tiny_wavlm_dir):
     with pytest.raises(ValueError, match=r"attention='triton' has no attention dropout.*--attention_dropout=0"):
         SpeechEncoder(str(tiny_wavlm_dir), attention="triton", attention_dropout=0.1)
-    with pytest.raises(ValueError, match=r"attention='triton' runs its kernel in eager layers.*--compile_layers=False"):
-        SpeechEncoder(str(tiny_wavlm_dir), attention="triton", compile_layers=True)
 
 
 def test_compile_cnn_refuses_a_cnn_that_trains(tiny_wavlm_dir):

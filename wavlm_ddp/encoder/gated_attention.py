@@ -56,6 +56,7 @@ decoration time) the kernels run on CPU tensors, which the tests use.
 """
 
 import math
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -342,66 +343,110 @@ def _strides4(x):
     return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
 
 
-class _GatedBiasAttention(torch.autograd.Function):
+# The kernels enter autograd and torch.compile as two custom operators (forward,
+# backward) with shape functions: a compiled layer calls them as opaque kernels and
+# fuses everything around them; eager code calls them like any operator.
+@torch.library.custom_op("wavlm_ddp::gated_bias_attention", mutates_args=())
+def _forward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gate: torch.Tensor,
+                table: torch.Tensor, keep: Optional[torch.Tensor], scale: float,
+                block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, T, D) over (B, T, H, D) memory, logsumexp (B x H, T) in fp32)."""
+    batch, heads, time, head_dim = query.shape
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    out, lse = _forward_outputs(query)
+    keep_arg = keep.view(torch.uint8) if keep is not None else lse  # any pointer: unused without HAS_KEEP
+    keep_strides = keep.stride() if keep is not None else (0, 0)
+    grid = (triton.cdiv(time, block), batch * heads)
+    _forward_kernel[grid](
+        query, key, value, gate, table, keep_arg, out, lse,
+        *_strides4(query), *_strides4(key), *_strides4(value), *_strides4(out),
+        *gate.stride(), *table.stride(), *keep_strides,
+        heads, time, head_dim, scale,
+        HAS_KEEP=keep is not None, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, DOT_PRECISION=_precision(query),
+    )
+    return out, lse
 
-    @staticmethod
-    def forward(ctx, query, key, value, gate, table, keep, scale, block):
-        batch, heads, time, head_dim = query.shape
-        block_d = max(16, triton.next_power_of_2(head_dim))
-        precision = "ieee" if query.dtype == torch.float32 else "tf32"  # 16-bit inputs ignore it
-        # (B, T, H, D) memory, returned as a (B, H, T, D) view: merging the heads after
-        # it is a view, not a copy.
-        out = query.new_empty(batch, time, heads, head_dim).transpose(1, 2)
-        lse = torch.empty(batch * heads, time, device=query.device, dtype=torch.float32)
-        keep_arg = keep if keep is not None else lse  # any pointer: unused without HAS_KEEP
-        keep_strides = keep.stride() if keep is not None else (0, 0)
-        grid = (triton.cdiv(time, block), batch * heads)
-        _forward_kernel[grid](
-            query, key, value, gate, table, keep_arg, out, lse,
-            *_strides4(query), *_strides4(key), *_strides4(value), *_strides4(out),
-            *gate.stride(), *table.stride(), *keep_strides,
-            heads, time, head_dim, scale,
-            HAS_KEEP=keep is not None, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, DOT_PRECISION=precision,
-        )
-        ctx.save_for_backward(query, key, value, gate, table, keep, out, lse)
-        ctx.scale, ctx.block, ctx.block_d, ctx.precision = scale, block, block_d, precision
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        query, key, value, gate, table, keep, out, lse = ctx.saved_tensors
-        scale, block, block_d, precision = ctx.scale, ctx.block, ctx.block_d, ctx.precision
-        batch, heads, time, head_dim = query.shape
-        num_blocks = triton.cdiv(time, block)
-        keep_arg = keep if keep is not None else lse
-        keep_strides = keep.stride() if keep is not None else (0, 0)
-        common = dict(HAS_KEEP=keep is not None, BLOCK_D=block_d, DOT_PRECISION=precision)
+def _forward_outputs(query):
+    """(B, T, H, D) memory returned as a (B, H, T, D) view: merging the heads after it
+    is a view, not a copy; and the logsumexp of every query."""
+    batch, heads, time, head_dim = query.shape
+    out = query.new_empty(batch, time, heads, head_dim).transpose(1, 2)
+    return out, torch.empty(batch * heads, time, device=query.device, dtype=torch.float32)
 
-        dq = torch.empty_like(query)
-        dk = torch.empty_like(key)
-        dv = torch.empty_like(value)
-        delta = torch.empty_like(lse)
-        dgate = torch.empty(batch, heads, time, device=query.device, dtype=torch.float32)
-        # Zeroed: each query block writes only the nB of its 2 nB - 1 block diagonals it has.
-        parts = torch.zeros(batch * heads * num_blocks * (2 * num_blocks - 1) * 2 * block,
-                            device=query.device, dtype=torch.float32)
-        grid = (num_blocks, batch * heads)
-        _backward_dq_kernel[grid](
-            query, key, value, gate, table, keep_arg, out, grad_out, lse, delta, dq, dgate, parts,
-            *_strides4(query), *_strides4(key), *_strides4(value), *_strides4(out), *_strides4(grad_out),
-            *_strides4(dq), *gate.stride(), *table.stride(), *keep_strides,
-            heads, time, head_dim, scale, num_blocks,
-            BLOCK=block, **common,
-        )
-        _backward_dkdv_kernel[grid](
-            query, key, value, gate, table, keep_arg, grad_out, lse, delta, dk, dv,
-            *_strides4(query), *_strides4(key), *_strides4(value), *_strides4(grad_out),
-            *_strides4(dk), *_strides4(dv), *gate.stride(), *table.stride(), *keep_strides,
-            heads, time, head_dim, scale,
-            BLOCK_M=block, BLOCK_N=block, **common,
-        )
-        dtable = _diagonal_sums_to_table(parts, batch, heads, time, block)
-        return dq, dk, dv, dgate.to(gate.dtype), dtable.to(table.dtype), None, None, None
+
+@_forward_op.register_fake
+def _(query, key, value, gate, table, keep, scale, block):
+    return _forward_outputs(query)
+
+
+@torch.library.custom_op("wavlm_ddp::gated_bias_attention_backward", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 gate: torch.Tensor, table: torch.Tensor, keep: Optional[torch.Tensor], out: torch.Tensor,
+                 lse: torch.Tensor, scale: float, block: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor, torch.Tensor]:
+    """d query, d key, d value (their layouts), d gate (B, H, T) and d table (H, 2T - 1)
+    (contiguous, in the gate's and the table's dtypes)."""
+    batch, heads, time, head_dim = query.shape
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    num_blocks = triton.cdiv(time, block)
+    keep_arg = keep.view(torch.uint8) if keep is not None else lse
+    keep_strides = keep.stride() if keep is not None else (0, 0)
+    common = dict(HAS_KEEP=keep is not None, BLOCK_D=block_d, DOT_PRECISION=_precision(query))
+
+    dq = torch.empty_like(query)
+    dk = torch.empty_like(key)
+    dv = torch.empty_like(value)
+    delta = torch.empty_like(lse)
+    dgate = torch.empty(batch, heads, time, device=query.device, dtype=torch.float32)
+    # Zeroed: each query block writes only the nB of its 2 nB - 1 block diagonals it has.
+    parts = torch.zeros(batch * heads * num_blocks * (2 * num_blocks - 1) * 2 * block,
+                        device=query.device, dtype=torch.float32)
+    grid = (num_blocks, batch * heads)
+    _backward_dq_kernel[grid](
+        query, key, value, gate, table, keep_arg, out, grad_out, lse, delta, dq, dgate, parts,
+        *_strides4(query), *_strides4(key), *_strides4(value), *_strides4(out), *_strides4(grad_out),
+        *_strides4(dq), *gate.stride(), *table.stride(), *keep_strides,
+        heads, time, head_dim, scale, num_blocks,
+        BLOCK=block, **common,
+    )
+    _backward_dkdv_kernel[grid](
+        query, key, value, gate, table, keep_arg, grad_out, lse, delta, dk, dv,
+        *_strides4(query), *_strides4(key), *_strides4(value), *_strides4(grad_out),
+        *_strides4(dk), *_strides4(dv), *gate.stride(), *table.stride(), *keep_strides,
+        heads, time, head_dim, scale,
+        BLOCK_M=block, BLOCK_N=block, **common,
+    )
+    dtable = _diagonal_sums_to_table(parts, batch, heads, time, block)
+    return dq, dk, dv, dgate.to(gate.dtype), dtable.to(table.dtype).contiguous()
+
+
+@_backward_op.register_fake
+def _(grad_out, query, key, value, gate, table, keep, out, lse, scale, block):
+    batch, heads, time, _ = query.shape
+    return (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value),
+            gate.new_empty(batch, heads, time), table.new_empty(heads, 2 * time - 1))
+
+
+def _save_for_backward(ctx, inputs, output):
+    query, key, value, gate, table, keep, scale, block = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, gate, table, keep, out, lse)
+    ctx.scale, ctx.block = scale, block
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, gate, table, keep, out, lse = ctx.saved_tensors
+    grads = _backward_op(grad_out, query, key, value, gate, table, keep, out, lse, ctx.scale, ctx.block)
+    return (*grads, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def _precision(query):
+    return "ieee" if query.dtype == torch.float32 else "tf32"  # 16-bit inputs ignore it
 
 
 def gated_bias_attention(query, key, value, gate, table, keep=None, *, scale=None, block=DEFAULT_BLOCK):
@@ -433,10 +478,10 @@ def gated_bias_attention(query, key, value, gate, table, keep=None, *, scale=Non
     if keep is not None:
         if keep.shape != (batch, time):
             raise ValueError(f"keep must be (B, T) = {(batch, time)}, got {tuple(keep.shape)}")
-        keep = keep.to(torch.bool).view(torch.uint8)  # a byte per frame, read as != 0
+        keep = keep.to(torch.bool)  # a byte per frame, read as != 0
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    return _GatedBiasAttention.apply(query, key, value, gate, table, keep, float(scale), block)
+    return _forward_op(query, key, value, gate, table, keep, float(scale), block)[0]
 
 
 def reference_attention(query, key, value, gate, table, keep=None, scale=None):

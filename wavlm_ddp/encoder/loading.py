@@ -35,9 +35,6 @@ def check_arguments(layerdrop, layerdrop_mode, freeze, attention, attention_drop
     if compile_cnn and freeze == "none":
         raise ConfigError("compile_cnn compiles the frozen CNN (no backward), but freeze='none' trains it: "
                           "set --compile_cnn=False or freeze the CNN (freeze: cnn)")
-    if attention == "triton" and compile_layers:
-        raise ConfigError("attention='triton' runs its kernel in eager layers; torch.compile of the layers around it "
-                          "is not supported yet: set --compile_layers=False or --attention=sdpa")
     if cuda_graphs:
         check_cuda_graphs(layerdrop, compile_layers, compile_backend, pad_frames_to, activation_checkpointing)
     if attention in wavlm_attention.TABLE_KINDS and attention_dropout > 0:
