@@ -94,7 +94,7 @@ step bench_8x15 280 python3 bench/throughput.py "${common[@]}" "${size[@]}" "${m
 if [[ "$mode" == "--cpu" ]]; then
     step gated_parity 100 env TRITON_INTERPRET=1 python3 bench/gated_parity.py --tiny --repeats 1
 else
-    step gated_parity 60 python3 bench/gated_parity.py
+    step gated_parity 100 python3 bench/gated_parity.py
 fi
 [[ "${SKIP_PARITY:-0}" == 1 ]] || step parity 110 python3 bench/parity.py "${parity[@]}" "${flex[@]}"
 
