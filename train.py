@@ -36,6 +36,7 @@ from wavlm_ddp.preflight import (
     check_find_unused_parameters,
     check_hparams,
     check_output_folder,
+    encoder_keyword,
     explain_reduction_error,
     pop_bool_flag,
     pop_int_flag,
@@ -51,8 +52,8 @@ from wavlm_ddp.faults.preemption import (DEFAULT_SIGNALS, Preempted, PreemptionW
                                          end_loader_workers, exit_code_after_preemption, stop_point)
 from wavlm_ddp.faults.run_lock import RUN_ID_ENV, FolderLock
 from wavlm_ddp.training.reporting import writing, append_step_row, gather_eval_stats, global_sum, peak_memory_gib, report_epoch, report_test
-from wavlm_ddp.training.schedule import (GlobalBatchSampler, check_schedule, curve, describe_schedule, learning_rate,
-                                         schedule_start, update_budget)
+from wavlm_ddp.training.schedule import (GlobalBatchSampler, check_schedule, curve, derive_accumulation,
+                                         describe_schedule, learning_rate, schedule_start, update_budget)
 
 logger = logging.getLogger(__name__)
 DEFAULT_HPARAMS = Path(__file__).resolve().parent / "hparams" / "demo.yaml"
@@ -258,6 +259,11 @@ def parse_args(argv):
     if "grad_accumulation_factor" in run_opts.overridden_args:
         raise ConfigError("--grad_accumulation_factor is derived from global_batch_seconds and the world size: "
                           "remove it, and set --global_batch_seconds (per-rank memory: max_batch_length)")
+    for option in ("compile", "jit"):
+        if option in run_opts.overridden_args:
+            raise ConfigError(f"--{option} makes SpeechBrain {option} whole modules, outside the recipe's checks "
+                              "(LayerDrop, CUDA graphs, checkpoints): remove it, and set the YAML's compile_layers, "
+                              "compile_cnn or cuda_graphs instead")
     return hparams_file, run_opts, overrides, flags
 
 
@@ -331,10 +337,15 @@ def check_run(hparams, hparams_file, run_opts, overrides, flags, world_size):
     precision = run_opts.precision if "precision" in run_opts.overridden_args else hparams.get("precision", "fp32")
     check_hparams(hparams, precision, run_opts.device or sb.utils.distributed.infer_device())
     check_encoder_keys(hparams["wavlm"])
+    if not run_opts.test_only:  # before the output folder is touched (--overwrite empties it)
+        accumulation = derive_accumulation(hparams["global_batch_seconds"],
+                                           hparams["dynamic_batch_sampler"]["max_batch_length"], world_size)[0]
+        check_graphed_accumulation(encoder_keyword(hparams, "cuda_graphs"), accumulation,
+                                   hparams["global_batch_seconds"], world_size)
     if flags["find_unused_parameters"] is None and hparams.get("find_unused_parameters") is not None:
         flags["find_unused_parameters"] = bool(hparams["find_unused_parameters"])
     check_find_unused_parameters(flags["find_unused_parameters"], world_size, hparams["layerdrop"],
-                                 getattr(hparams["wavlm"], "keywords", {}).get("freeze", "cnn"))
+                                 encoder_keyword(hparams, "freeze", "cnn"))
     check_schedule(hparams)
     add_test_sets(hparams)
     lock = hold_output_folder(hparams)
@@ -357,7 +368,6 @@ def _check_data_and_plan(hparams, hparams_file, run_opts, overrides, flags, worl
                    charset_of(hparams), hparams.get("lm_url"))
     datasets, filtered = read_datasets(hparams, bad)
     plan, batches = training_plan(hparams, datasets["train"], world_size, run_opts)
-    check_graphed_accumulation(getattr(hparams["wavlm"], "keywords", {}).get("cuda_graphs", False), plan)
     if update_budget(hparams) and not run_opts.debug:  # the epochs that reach the update budget
         hparams["epoch_counter"].limit = len(plan.steps_per_epoch)
     sb.create_experiment_directory(

@@ -85,7 +85,7 @@ print(json.dumps(r['best']) if any('median_s' in c for c in r['candidates']) els
 fi
 
 # 1. Throughput at 8 x 15 s bf16, CNN frozen: stock, the peer patch, this recipe's paths, the ceiling.
-step bench_8x15 280 python3 bench/throughput.py "${common[@]}" "${size[@]}" "${model[@]}" "${flex[@]}" \
+step bench_8x15 280 env TORCH_LOGS=cudagraphs python3 bench/throughput.py "${common[@]}" "${size[@]}" "${model[@]}" "${flex[@]}" \
     --variants "$variants" --profile "$out/profile.txt" --out "$out/bench_8x15.json"
 
 # 2. The Triton kernel against the materialised bias (fp32, and bf16 on a GPU: Triton's interpreter
@@ -97,6 +97,17 @@ else
     step gated_parity 100 python3 bench/gated_parity.py
 fi
 [[ "${SKIP_PARITY:-0}" == 1 ]] || step parity 110 python3 bench/parity.py "${parity[@]}" "${flex[@]}"
+
+# 2b. The recipe with CUDA graphs through launch_ddp.sh on the demo (cuda_graphs: LayerDrop 0,
+#     a 12 s global batch that one GPU holds without accumulation; frames padded to 512 so that
+#     few shapes repeat and replay; TORCH_LOGS prints each graph recorded or skipped, and why).
+#     The CPU refuses cuda_graphs, so only on CUDA.
+if [[ "$device" == cuda ]]; then
+    step launch_demo_graphs 100 env TORCH_LOGS=cudagraphs ./launch_ddp.sh --debug --debug_batches=12 \
+        --debug_epochs=1 --noprogressbar --layerdrop=0 --precision=bf16 --compile_layers=True \
+        --pad_frames_to=512 --cuda_graphs=True --global_batch_seconds=12 --test_search='{mode: greedy}' \
+        --output_folder="$work/demo_graphs" --wavlm_source="$work/wavlm-small"
+fi
 
 # 3. The largest batch that fits an 80 GB card and this one, checkpointing off and on, 15 s utterances.
 if [[ "$device" == cuda ]]; then
@@ -116,15 +127,6 @@ step launch_demo 90 ./launch_ddp.sh --debug --debug_batches=4 --debug_epochs=1 -
     --layerdrop=0.1 --precision=bf16 --compile_layers=True --pad_frames_to=64 \
     --attention=sdpa --activation_checkpointing=True --test_search='{mode: greedy}' \
     --output_folder="$work/demo" --wavlm_source="$work/wavlm-small"
-
-# 5b. The same with CUDA graphs (cuda_graphs: layerdrop 0, and a global batch that one GPU
-#     holds without accumulation); the CPU refuses cuda_graphs, so only on CUDA.
-if [[ "$device" == cuda ]]; then
-    step launch_demo_graphs 90 ./launch_ddp.sh --debug --debug_batches=6 --debug_epochs=1 --noprogressbar \
-        --layerdrop=0 --precision=bf16 --compile_layers=True --pad_frames_to=64 --cuda_graphs=True \
-        --global_batch_seconds=12 --test_search='{mode: greedy}' \
-        --output_folder="$work/demo_graphs" --wavlm_source="$work/wavlm-small"
-fi
 
 # 6. The same search at 30 s utterances.
 if [[ "$device" == cuda ]]; then

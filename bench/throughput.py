@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from torch._dynamo.utils import counters
 from transformers import WavLMModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -153,13 +154,13 @@ class FastCTC(torch.nn.Module):
     compile and activation checkpointing."""
 
     def __init__(self, folder, layerdrop, cnn_trained, attention, compile_layers, checkpointing,
-                 compile_cnn=False, flex_kernel_options=None, backend="inductor", cuda_graphs=False):
+                 compile_cnn=False, flex_kernel_options=None, backend="inductor", cuda_graphs=False, triton_block=None):
         super().__init__()
         self.wavlm = SpeechEncoder(folder, layerdrop=layerdrop, freeze="none" if cnn_trained else "cnn",
                                    attention=attention, compile_layers=compile_layers, compile_cnn=compile_cnn,
                                    compile_backend=backend, cuda_graphs=cuda_graphs,
                                    pad_frames_to=PAD_FRAMES_TO, activation_checkpointing=checkpointing,
-                                   flex_kernel_options=flex_kernel_options, **DROPOUTS)
+                                   flex_kernel_options=flex_kernel_options, triton_block=triton_block, **DROPOUTS)
         self.head = torch.nn.Linear(self.wavlm.output_size, VOCAB)
         self.step = 0
 
@@ -172,12 +173,20 @@ VARIANTS = ("stock", "peer", "fast", "flex", "triton", "ceiling")
 OPTIONS = ("compile", "cnn", "ckpt", "graphs")  # compiled layers, compiled CNN, activation checkpointing, CUDA graphs
 
 
-def build(variant, folder, args):
-    """A variant named `base[+option...]`, e.g. `flex+compile+cnn`."""
+def parse_variant(variant):
+    """(base, options) of a variant named `base[+option...]`, e.g. `flex+compile+cnn`."""
     base, *options = variant.split("+")
     if base not in VARIANTS or not set(options) <= set(OPTIONS):
         raise SystemExit(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)}, "
                          f"then any of +{', +'.join(OPTIONS)}")
+    if base in ("stock", "peer") and set(options) - {"compile"}:
+        raise SystemExit(f"unknown variant {variant!r}: {base} takes no options but +compile (peer is compiled)")
+    return base, options
+
+
+def build(variant, folder, args):
+    """The model of a variant named `base[+option...]`, e.g. `flex+compile+cnn`."""
+    base, options = parse_variant(variant)
     if base == "stock":
         return StockCTC(folder, args.layerdrop, args.train_cnn)
     if base == "peer":
@@ -185,7 +194,7 @@ def build(variant, folder, args):
     attention = base if base in ("flex", "triton") else "sdpa"
     compiled = "compile" in options or "graphs" in options or base == "ceiling"
     model = FastCTC(folder, args.layerdrop, args.train_cnn, attention, compiled, "ckpt" in options, "cnn" in options,
-                    args.flex_kernel_options, args.compile_backend, "graphs" in options)
+                    args.flex_kernel_options, args.compile_backend, "graphs" in options, args.triton_block)
     if base == "ceiling":
         for layer in model.wavlm.model.encoder.layers:
             layer.attention.forward = types.MethodType(_attention_without_bias, layer.attention)
@@ -267,9 +276,13 @@ def result_row(variant, args, batch, median, peak_gib, device):
 
 
 def measure(variant, folder, args, device, dtype):
+    skips = counters["inductor"]["cudagraph_skips"]
     trainer = Trainer(variant, folder, args, device, dtype)
     median, peak_gib = trainer.timed(args.batch, args.warmup, args.steps)
     result = result_row(variant, args, args.batch, median, peak_gib, device)
+    # Graphs inductor declined to record (TORCH_LOGS=cudagraphs prints why): 0 when every
+    # compiled graph of a +graphs variant was replayed as a CUDA graph.
+    result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
     if args.profile:  # after the peak memory was read: the profiled step must not count
         args.profile.parent.mkdir(parents=True, exist_ok=True)
         with args.profile.open("a") as f:
@@ -310,7 +323,8 @@ def max_batch_report(variant, folder, args, device, dtype, rows):
     trainer = Trainer(variant, folder, args, device, dtype)
     trainer.step(2)  # compile outside the search
     card = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
-    for checkpointing in (False, True):
+    graphed = getattr(trainer.model, "wavlm", None) is not None and trainer.model.wavlm.cuda_graphs
+    for checkpointing in (False,) if graphed else (False, True):  # cuda_graphs refuses checkpointing
         trainer.model.wavlm.activation_checkpointing = checkpointing
         name = variant + ("+ckpt" if checkpointing else "")
         fits_80, tries_80 = largest_batch(trainer, CARD_80GB_GIB, args.batch, args.search_tries)
@@ -355,7 +369,9 @@ def profile_step(run_step, device):
 def region_table(averages):
     """CPU time (wall time of the part, on the launching thread) and GPU time (the
     kernels it launched) per part of the step, in ms."""
-    rows = {event.key: event for event in averages}
+    # On CUDA each range is also recorded as a GPU annotation under the same name (with
+    # no CPU time): the CPU row holds both times.
+    rows = {event.key: event for event in averages if event.device_type == torch.autograd.DeviceType.CPU}
     lines = ["| part of the step | CPU ms | GPU ms |", "|---|---:|---:|"]
     for name in REGIONS:
         event = rows.get(f"step: {name}")
@@ -395,6 +411,8 @@ def parse_args(argv=None):
                         help="instead of timing --batch: the largest batch that fits an 80 GB card and this one, "
                              "with activation checkpointing off and on (CUDA only)")
     parser.add_argument("--search_tries", type=int, default=8, help="training steps the batch search may try")
+    parser.add_argument("--triton_block", type=int, default=None,
+                        help="the Triton kernel's tile side (default: gated_attention.DEFAULT_BLOCK, the YAMLs' 64)")
     parser.add_argument("--flex_kernel_options", type=json.loads, default=None,
                         help='FlexAttention kernel_options as JSON, e.g. \'{"BLOCK_M": 64, "BLOCK_N": 64}\'')
     args = parser.parse_args(argv)
@@ -411,6 +429,8 @@ def main(argv=None):
         os.environ.setdefault("MASTER_PORT", "29512")
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, rank=0, world_size=1)
+    for variant in args.variants.split(","):  # a misspelt variant stops the run before any is measured
+        parse_variant(variant)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = str(make_local_checkpoint(args.model_dir or Path(tmp) / "wavlm", args.config, seed=0))
@@ -449,7 +469,7 @@ def write_report(args, device, results):
         "transformers": transformers.__version__,
         "settings": {k: getattr(args, k) for k in
                      ("batch", "seconds", "precision", "train_cnn", "layerdrop", "ddp", "warmup", "steps", "tiny",
-                      "max_batch", "flex_kernel_options")},
+                      "max_batch", "flex_kernel_options", "triton_block")},
         "dropouts": DROPOUTS,
         "results": results,
     }

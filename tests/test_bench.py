@@ -48,6 +48,9 @@ def test_the_peer_patch_is_hfs_model_with_need_weights_off_a_frozen_cnn_and_comp
     torch.testing.assert_close(peer(wav, torch.ones(2)), stock(wav, torch.ones(2)), rtol=1e-4, atol=1e-5)
 
 
-def test_an_unknown_variant_is_refused_with_the_choices():
+def test_an_unknown_variant_is_refused_with_the_choices_before_any_is_measured(tmp_path):
     with pytest.raises(SystemExit, match="one of stock, peer, fast, flex, triton, ceiling"):
         throughput.build("fastest", "unused", None)
+    with pytest.raises(SystemExit, match="stock takes no options but \\+compile"):
+        throughput.main(["--tiny", "--device", "cpu", "--variants", "fast,stock+graphs", "--out", str(tmp_path / "b.json")])
+    assert not (tmp_path / "b.json").exists()

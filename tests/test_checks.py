@@ -39,6 +39,8 @@ def error_line(code, err):
          "error: dynamic_batch_sampler.max_batch_length=0 is not a number > 0: set --dynamic_batch_sampler="),
         (["--compile_cnn=True"], "error: compile_cnn compiles the frozen CNN (no backward), but freeze='none'"),
         (["--cuda_graphs=True"], "error: cuda_graphs=True needs a CUDA GPU (device is cpu): set --cuda_graphs=False"),
+        (["--compile"], "error: --compile makes SpeechBrain compile whole modules, outside the recipe's checks"),
+        (["--triton_block=48"], "error: triton_block=48 is not a power of two >= 16"),
     ],
 )
 def test_invalid_hparams_stop_at_start_with_one_line_and_write_nothing(tmp_path, check, args, message):
@@ -138,6 +140,26 @@ def test_debug_runs_plan_the_same_global_batch_and_steps_on_one_and_two_ranks(tm
     assert "accumulation 2 = 24 s" in plans[0] and "accumulation 1 = 24 s" in plans[1]
     assert plans[0].split(" = ")[1] == plans[1].split(" = ")[1]
     assert plans[0].endswith("2 optimizer steps per epoch x 2 epochs = 4 optimizer steps")
+
+
+def test_cuda_graphs_with_gradient_accumulation_stop_the_check_before_the_output_folder_is_touched(tmp_path, check):
+    """One process accumulates the demo's 24 s global batch over 2 micro-batches, which
+    CUDA graphs cannot: refused, and an earlier run that --overwrite=True would delete is
+    kept; two ranks need no accumulation and pass. --device=cuda:0 passes the device
+    check on this CPU machine (nothing of --check_only uses the device)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "hyperparams.yaml").write_text("layerdrop: 0.3\n")
+    graphed = ("--device=cuda:0", "--cuda_graphs=True", "--compile_layers=True", "--pad_frames_to=64", "--layerdrop=0",
+               "--check_only")
+    code, _, err = check(*graphed, "--world_size=1", "--overwrite=True", f"--output_folder={out}")
+    assert error_line(code, err).startswith("error: cuda_graphs cannot accumulate gradients (each replay of a "
+                                            "recorded backward overwrites the last one's), and this run accumulates "
+                                            "2 micro-batches (global_batch_seconds 24 over 1 rank)")
+    assert (out / "hyperparams.yaml").read_text() == "layerdrop: 0.3\n"
+    code, stdout, err = check(*graphed, "--world_size=2", f"--output_folder={tmp_path / 'two'}")
+    assert code == 0, err[-3000:]
+    assert "accumulation 1 = 24 s" in plan_line(stdout)
 
 
 def test_layerdrop_with_find_unused_parameters_false_stops_the_check_of_a_ddp_launch(tmp_path, check):

@@ -312,6 +312,23 @@ def test_triton_attention_refuses_attention_dropout(tiny_wavlm_dir):
         SpeechEncoder(str(tiny_wavlm_dir), attention="triton", attention_dropout=0.1)
 
 
+@pytest.mark.parametrize("block", [48, 8, 64.0, True])
+def test_triton_block_must_be_a_power_of_two_of_at_least_16(tiny_wavlm_dir, block):
+    with pytest.raises(ValueError, match=rf"triton_block={block!r} is not a power of two >= 16.*--triton_block=64"):
+        SpeechEncoder(str(tiny_wavlm_dir), attention="triton", attention_dropout=0.0, triton_block=block)
+
+
+def test_triton_block_reaches_the_kernel_of_every_layer(tiny_wavlm_dir, monkeypatch):
+    from wavlm_ddp.encoder import gated_attention
+
+    blocks = []
+    monkeypatch.setattr(gated_attention, "gated_bias_attention",
+                        lambda query, *args, block: blocks.append(block) or torch.zeros_like(query))
+    encoder = SpeechEncoder(str(tiny_wavlm_dir), attention="triton", triton_block=32, **NO_DROPOUT)
+    encoder(*batch([8000, 6000]))
+    assert blocks == [32] * encoder.num_layers
+
+
 def test_compile_cnn_refuses_a_cnn_that_trains(tiny_wavlm_dir):
     with pytest.raises(ValueError, match=r"compile_cnn compiles the frozen CNN.*--compile_cnn=False"):
         SpeechEncoder(str(tiny_wavlm_dir), compile_cnn=True, freeze="none")
@@ -336,18 +353,13 @@ def test_cuda_graphs_refuse_settings_whose_recordings_would_change_every_step_or
 
 def test_cuda_graphs_refuse_gradient_accumulation_naming_the_keys_that_remove_it():
     from wavlm_ddp.encoder.loading import check_graphed_accumulation
-    from wavlm_ddp.training.schedule import TrainingPlan
-
-    def plan(accumulation):
-        return TrainingPlan(world_size=2, accumulation=accumulation, per_rank_seconds=100.0 / accumulation,
-                            global_seconds=400.0, steps_per_epoch=[10], mean_step_seconds=390.0)
 
     with pytest.raises(ValueError, match=r"cuda_graphs cannot accumulate gradients.*accumulates 2 micro-batches "
                                          r"\(global_batch_seconds 400 over 2 ranks\).*max_batch_length.*"
                                          r"--cuda_graphs=False"):
-        check_graphed_accumulation(True, plan(2))
-    check_graphed_accumulation(True, plan(1))
-    check_graphed_accumulation(False, plan(2))
+        check_graphed_accumulation(True, 2, 400.0, 2)
+    check_graphed_accumulation(True, 1, 400.0, 4)
+    check_graphed_accumulation(False, 2, 400.0, 2)
 
 
 def test_cuda_graphs_compile_each_layer_in_reduce_overhead_mode_and_begin_a_step_at_each_forward(tiny_wavlm_dir,

@@ -200,6 +200,13 @@ def check_numbers(hparams):
                               f"set {fix}")
 
 
+def encoder_keyword(hparams, name, default=False):
+    """The value the encoder gets for `name`: the `wavlm:` block's keyword (what
+    SpeechEncoder is built with), else the top-level key, else `default`."""
+    keywords = getattr(hparams.get("wavlm"), "keywords", {})
+    return keywords.get(name, hparams.get(name, default))
+
+
 def check_hparams(hparams, precision, device):
     """Checks of the YAML values (after command-line overrides), before anything
     is built or written."""
@@ -214,7 +221,7 @@ def check_hparams(hparams, precision, device):
     if hparams.get("attention") == "flex" and not str(device).startswith("cuda"):
         raise ConfigError(f"attention=flex needs a CUDA GPU (device is {device}; FlexAttention has no backward on "
                           "the CPU): set --attention=sdpa")
-    if hparams.get("cuda_graphs") and not str(device).startswith("cuda"):
+    if encoder_keyword(hparams, "cuda_graphs") and not str(device).startswith("cuda"):
         raise ConfigError(f"cuda_graphs=True needs a CUDA GPU (device is {device}): set --cuda_graphs=False")
     if hparams.get("attention") == "triton" and not str(device).startswith("cuda") \
             and os.environ.get("TRITON_INTERPRET") != "1":

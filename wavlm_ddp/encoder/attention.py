@@ -136,8 +136,9 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-def patch_attention(layers, kind, kernel_options=None):
-    """Replace HF's attention forward in every layer by the `kind` path."""
+def patch_attention(layers, kind, kernel_options=None, triton_block=None):
+    """Replace HF's attention forward in every layer by the `kind` path (with
+    FlexAttention's kernel options, or the Triton kernel's tile side)."""
     if kind == "triton":  # imported only when asked for: it needs triton, which comes with CUDA wheels of torch
         from wavlm_ddp.encoder.gated_attention import triton_forward as forward
     else:
@@ -147,3 +148,4 @@ def patch_attention(layers, kind, kernel_options=None):
     for layer in layers:
         layer.attention.forward = types.MethodType(forward, layer.attention)
         layer.attention.flex_kernel_options = kernel_options
+        layer.attention.triton_block = triton_block

@@ -515,5 +515,6 @@ def triton_forward(self, hidden_states, attention_mask=None, position_bias=None,
         position_bias = relative_position_values(self, time)
     gate, query, key, value = _project(self, hidden_states)
     keep = None if attention_mask is None else attention_mask.bool()
-    attended = gated_bias_attention(query, key, value, gate.squeeze(-1), position_bias, keep)
+    block = getattr(self, "triton_block", None) or DEFAULT_BLOCK  # patch_attention sets it (the YAML's key)
+    attended = gated_bias_attention(query, key, value, gate.squeeze(-1), position_bias, keep, block=block)
     return _merge_heads(self, attended), None, position_bias

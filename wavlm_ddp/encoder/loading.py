@@ -25,7 +25,8 @@ ATTENTION_CHOICES = wavlm_attention.KINDS
 
 
 def check_arguments(layerdrop, layerdrop_mode, freeze, attention, attention_dropout, compile_cnn, pad_frames_to,
-                    compile_layers=False, cuda_graphs=False, compile_backend="inductor", activation_checkpointing=False):
+                    compile_layers=False, cuda_graphs=False, compile_backend="inductor", activation_checkpointing=False,
+                    triton_block=None):
     """The checks that need no model: one ConfigError naming the key and the fix."""
     check_choice("layerdrop_mode", layerdrop_mode, LAYERDROP_MODES)
     check_choice("freeze", freeze, FREEZE_CHOICES)
@@ -35,6 +36,10 @@ def check_arguments(layerdrop, layerdrop_mode, freeze, attention, attention_drop
     if compile_cnn and freeze == "none":
         raise ConfigError("compile_cnn compiles the frozen CNN (no backward), but freeze='none' trains it: "
                           "set --compile_cnn=False or freeze the CNN (freeze: cnn)")
+    if triton_block is not None and (isinstance(triton_block, bool) or not isinstance(triton_block, int)
+                                     or triton_block < 16 or triton_block & (triton_block - 1)):
+        raise ConfigError(f"triton_block={triton_block!r} is not a power of two >= 16 (the Triton kernel's tile "
+                          "side): set --triton_block=64, or null for the kernel's default")
     if cuda_graphs:
         check_cuda_graphs(layerdrop, compile_layers, compile_backend, pad_frames_to, activation_checkpointing)
     if attention in wavlm_attention.TABLE_KINDS and attention_dropout > 0:
@@ -75,13 +80,13 @@ def check_cuda_graphs(layerdrop, compile_layers, compile_backend, pad_frames_to,
                           "--cuda_graphs=False")
 
 
-def check_graphed_accumulation(cuda_graphs, plan):
+def check_graphed_accumulation(cuda_graphs, accumulation, global_seconds, world_size):
     """A recorded backward writes its gradients into the same memory at every replay,
     so gradients accumulated over several micro-batches would be overwritten."""
-    if cuda_graphs and plan.accumulation > 1:
+    if cuda_graphs and accumulation > 1:
         raise ConfigError(f"cuda_graphs cannot accumulate gradients (each replay of a recorded backward overwrites "
-                          f"the last one's), and this run accumulates {plan.accumulation} micro-batches "
-                          f"(global_batch_seconds {plan.global_seconds:g} over {plan.world_size} ranks): raise "
+                          f"the last one's), and this run accumulates {accumulation} micro-batches "
+                          f"(global_batch_seconds {global_seconds:g} over {world_size} rank{'s' if world_size > 1 else ''}): raise "
                           "dynamic_batch_sampler's max_batch_length, use more GPUs, or set --cuda_graphs=False")
 
 

@@ -46,8 +46,9 @@ class SpeechEncoder(nn.Module):
         Written into the HF config before the model is built, verified after.
     freeze : str
         ``none``, ``cnn`` (no backward through the CNN) or ``all`` (no autograd).
-    attention, flex_kernel_options :
-        ``sdpa``, ``flex``, ``triton`` or ``eager`` (wavlm_attention), FlexAttention's block sizes.
+    attention, flex_kernel_options, triton_block :
+        ``sdpa``, ``flex``, ``triton`` or ``eager`` (wavlm_attention), FlexAttention's block
+        sizes, the Triton kernel's tile side (None: gated_attention.DEFAULT_BLOCK).
     activation_checkpointing : bool
         Recompute each encoder layer in backward (non-reentrant: composes with DDP).
     compile_layers, compile_cnn, compile_backend :
@@ -67,10 +68,10 @@ class SpeechEncoder(nn.Module):
                  attention_dropout=0.1, activation_dropout=0.0, feat_proj_dropout=0.0, freeze="cnn",
                  attention="sdpa", flex_kernel_options=None, activation_checkpointing=False, compile_layers=False,
                  compile_cnn=False, compile_backend="inductor", pad_frames_to=1, normalize_wav=True,
-                 cuda_graphs=False):
+                 cuda_graphs=False, triton_block=None):
         super().__init__()
         check_arguments(layerdrop, layerdrop_mode, freeze, attention, attention_dropout, compile_cnn, pad_frames_to,
-                        compile_layers, cuda_graphs, compile_backend, activation_checkpointing)
+                        compile_layers, cuda_graphs, compile_backend, activation_checkpointing, triton_block)
         if init_config is not None:
             make_local_checkpoint(source, init_config, init_seed)
         overrides = dict(layerdrop=layerdrop, apply_spec_augment=apply_spec_augment, mask_time_prob=mask_time_prob,
@@ -86,7 +87,7 @@ class SpeechEncoder(nn.Module):
         self.layer_drop = LayerDrop(self.model.config, self.num_layers, layerdrop_mode, layerdrop_seed)
         freeze_parts(self.model, freeze)
         if self.family == "wavlm":
-            wavlm_attention.patch_attention(self.model.encoder.layers, attention, flex_kernel_options)
+            wavlm_attention.patch_attention(self.model.encoder.layers, attention, flex_kernel_options, triton_block)
         self.activation_checkpointing = activation_checkpointing
         self.compiled, self.pad_frames_to, self.cuda_graphs = compile_layers, pad_frames_to, cuda_graphs
         self.layers = list(self.model.encoder.layers)
