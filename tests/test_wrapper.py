@@ -1,5 +1,6 @@
 """The WavLM wrapper: loading, YAML overrides, freezing, and parity with stock HF."""
 
+import math
 import shutil
 
 import pytest
@@ -332,6 +333,16 @@ def test_triton_block_reaches_the_kernel_of_every_layer(tiny_wavlm_dir, monkeypa
 def test_compile_cnn_refuses_a_cnn_that_trains(tiny_wavlm_dir):
     with pytest.raises(ValueError, match=r"compile_cnn compiles the frozen CNN.*--compile_cnn=False"):
         SpeechEncoder(str(tiny_wavlm_dir), compile_cnn=True, freeze="none")
+
+
+def test_the_recompile_limit_covers_every_padded_length_in_training_the_frozen_phase_and_evaluation(
+        tiny_wavlm_dir, monkeypatch):
+    """Each padded length up to 60 s is a graph in each mode a layer runs in (with and
+    without gradients in training, and in evaluation): none may fall back to eager code."""
+    monkeypatch.setattr(torch, "compile", lambda module, **options: module)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        SpeechEncoder(str(tiny_wavlm_dir), compile_layers=True, pad_frames_to=64)
+        assert torch._dynamo.config.recompile_limit >= 3 * math.ceil(60 * 50 / 64)
 
 
 GRAPHED = dict(compile_layers=True, pad_frames_to=64, layerdrop=0.0, cuda_graphs=True)

@@ -7,18 +7,21 @@ import math
 import torch
 
 # Compiled layers keep one graph per padded length; the recompile limit allows
-# lengths up to this many seconds (the CNN gives 50 frames per second).
+# lengths up to this many seconds (the CNN gives 50 frames per second) in each of
+# the modes a layer runs in, each its own graphs (torch.compile guards on them):
+# training, training without gradients (the frozen-encoder phase) and evaluation.
 MAX_COMPILED_SECONDS = 60
 FRAMES_PER_SECOND = 50
+MODES = 3
 
 
 def compile_layers(layers, backend, pad_frames_to, cuda_graphs=False):
     """The layers, each wrapped in torch.compile; raises the process-wide recompile
-    limit to the number of padded lengths up to MAX_COMPILED_SECONDS. With
+    limit to the number of padded lengths up to MAX_COMPILED_SECONDS in each mode. With
     `cuda_graphs`, inductor's mode 'reduce-overhead': each step replays the kernels
     recorded for its shapes instead of launching them one by one from Python
     (loading.check_cuda_graphs says when that is refused)."""
-    limit = math.ceil(MAX_COMPILED_SECONDS * FRAMES_PER_SECOND / max(pad_frames_to, 64)) + 2
+    limit = MODES * (math.ceil(MAX_COMPILED_SECONDS * FRAMES_PER_SECOND / max(pad_frames_to, 64)) + 2)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     mode = {"mode": "reduce-overhead"} if cuda_graphs else {}
     return [torch.compile(layer, backend=backend, **mode) for layer in layers]
