@@ -44,6 +44,7 @@ if [[ "$mode" == "--cpu" ]]; then
     best=fast+compile
     export NPROC_PER_NODE=1
     device=cpu
+    demo_limit=300   # 2 cores compile the demo's layers for minutes
 else
     if [[ -d .whl ]]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -62,6 +63,7 @@ else
     variants="$variants,triton+compile+cnn+graphs,ceiling+cnn+graphs,fast+compile"
     best=fast+compile+cnn
     device=cuda
+    demo_limit=90
 fi
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$work/inductor"  # shared by the steps: compile once per graph
 python3 -c "import torch, transformers, speechbrain; print('torch', torch.__version__, 'transformers',
@@ -123,7 +125,7 @@ step bench_4x30 80 python3 bench/throughput.py "${common[@]}" "${long[@]}" "${mo
 #    (nccl at world size 1; synced LayerDrop 0.1 and DDP with find_unused_parameters; the demo's
 #    CNN trains, so compile_cnn, which compiles a frozen CNN, stays off; the test set is decoded
 #    greedily: the GPU machine has no flashlight-text for the beam search).
-step launch_demo 90 ./launch_ddp.sh --debug --debug_batches=4 --debug_epochs=1 --noprogressbar \
+step launch_demo "$demo_limit" ./launch_ddp.sh --debug --debug_batches=4 --debug_epochs=1 --noprogressbar \
     --layerdrop=0.1 --precision=bf16 --compile_layers=True --pad_frames_to=64 \
     --attention=sdpa --activation_checkpointing=True --test_search='{mode: greedy}' \
     --output_folder="$work/demo" --wavlm_source="$work/wavlm-small"
