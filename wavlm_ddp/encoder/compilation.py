@@ -28,9 +28,10 @@ def compile_layers(layers, backend, pad_frames_to, cuda_graphs=False):
 
 
 def begin_graphed_step():
-    """Tell the CUDA graph trees that a new forward begins: the outputs of the last one
-    may be overwritten (they were consumed). Without it, an evaluation forward that
-    follows a training step could be taken for its continuation."""
+    """Tell the CUDA graph trees that a new forward begins, so that the memory of the last
+    one's outputs (consumed by then) is reused. The trees infer it when no backward is
+    pending; this says it at every forward, as torch's documentation advises, whatever
+    ran before (an evaluation after training, a forward whose backward an error cut off)."""
     torch.compiler.cudagraph_mark_step_begin()
 
 
